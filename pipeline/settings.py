@@ -1,0 +1,132 @@
+"""Settings of both stages as frozen dataclasses, validated in one place.
+
+The resolved settings are saved next to every output (HDF5 attributes and JSON), so a result can
+always be traced back to how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DATA_ROOT = Path("data")
+DEFAULT_BACKBONE = "efficientnet_lite0"
+DEFAULT_TAP = "pre_logits"
+STORED_DTYPES = ("float32", "float16")
+
+
+class SettingsError(ValueError):
+    """A setting has an invalid value; the message names the value and the allowed ones."""
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    """Where the images come from and how they are split."""
+
+    # A class-per-folder directory, a CSV manifest, or the name of an embedded dataset ("digits").
+    source: str = "digits"
+    # Fractions of each class given to val and test when the source has no split folders.
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    # Seed of the stratified split; the same seed always gives the same split.
+    split_seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise SettingsError(f"{name}={value} is invalid: use a fraction in [0, 1).")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise SettingsError(
+                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction} leaves no "
+                "training images: keep the sum below 1."
+            )
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """Stage one: which backbone, which taps, and how the feature store is written."""
+
+    dataset: DatasetSettings = field(default_factory=DatasetSettings)
+    # Backbone name: "efficientnet_lite0" (embedded), a torchvision model name, or a timm model name.
+    backbone: str = DEFAULT_BACKBONE
+    # Weights: "default" (the backbone's pretrained weights), a torchvision weights enum member
+    # such as "IMAGENET1K_V2", or "random" (the untrained control).
+    weights: str = "default"
+    # Local checkpoint file (a state_dict) loaded into the backbone's architecture; overrides weights.
+    checkpoint: str | None = None
+    # Layer names whose outputs are stored; "pre_logits" is the input of the final classifier.
+    taps: tuple[str, ...] = (DEFAULT_TAP,)
+    # How feature-map taps (N, C, H, W) are reduced to vectors.
+    pooling: str = "avg"
+    # Floating-point type of the stored features.
+    dtype: str = "float32"
+    # Samples per HDF5 shard; bounds the memory held before a shard is written.
+    shard_size: int = 1024
+    # Images per forward pass.
+    batch_size: int = 32
+    # Data-loading worker processes; 0 decodes in the main process.
+    workers: int = 2
+    # "cpu", "cuda", "cuda:N" or "auto" (a GPU when there is one).
+    device: str = "auto"
+    # Folder that holds the feature stores.
+    output_root: str = str(DATA_ROOT / "features")
+    # Store folder name; by default derived from the dataset, backbone and cache key.
+    name: str | None = None
+    # Never reach the network for weights; missing weights are an error at once.
+    offline: bool = False
+    # Rebuild the store even when a complete one with the same key exists.
+    force: bool = False
+
+    def validate(self) -> None:
+        self.dataset.validate()
+        if not self.taps:
+            raise SettingsError("taps is empty: name at least one tap, such as 'pre_logits'.")
+        if len(set(self.taps)) != len(self.taps):
+            raise SettingsError(f"taps={list(self.taps)} names a tap twice: list each tap once.")
+        if self.dtype not in STORED_DTYPES:
+            raise SettingsError(f"dtype={self.dtype!r} is invalid: use one of {list(STORED_DTYPES)}.")
+        for name in ("shard_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name}={getattr(self, name)} is invalid: use a positive integer.")
+        if self.workers < 0:
+            raise SettingsError(f"workers={self.workers} is invalid: use 0 or more.")
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    """Stage two: which heads to train on which store, and where results go."""
+
+    # Store folder; None picks the most recently completed store under data/features.
+    store: str | None = None
+    # Head names from the head registry.
+    heads: tuple[str, ...] = ("logreg", "linear", "mlp")
+    # Taps to train on; empty means every tap in the store.
+    taps: tuple[str, ...] = ()
+    # Seed of head initialization and batch order.
+    seed: int = 0
+    # Folder that holds the results of each store.
+    output_root: str = str(DATA_ROOT / "results")
+    # "cpu", "cuda" or "auto" for the torch heads.
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if not self.heads:
+            raise SettingsError("heads is empty: name at least one head, such as 'logreg'.")
+
+
+def settings_to_dict(settings: Any) -> dict[str, Any]:
+    """Convert a settings dataclass into plain JSON-ready values (tuples become lists)."""
+    return json_ready(dataclasses.asdict(settings))
+
+
+def json_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(key): json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -1,0 +1,184 @@
+"""Heads: lightweight classifiers trained on cached features, following the scikit-learn contract.
+
+Each head's ``__init__`` only stores its keyword arguments, ``fit(X, y)`` returns ``self``, learned
+state ends in ``_``, and ``predict`` / ``predict_proba`` raise ``NotFittedError`` before ``fit``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
+    """Multinomial logistic regression on standardized features (scikit-learn, L-BFGS)."""
+
+    def __init__(self, *, C: float = 1.0, max_iter: int = 1000, class_weight: str | None = None) -> None:
+        self.C = C
+        self.max_iter = max_iter
+        self.class_weight = class_weight
+
+    def fit(self, X: np.ndarray, y: np.ndarray, eval_set=None) -> "LogisticRegressionHead":
+        self.pipeline_ = make_pipeline(
+            StandardScaler(), LogisticRegression(C=self.C, max_iter=self.max_iter, class_weight=self.class_weight)
+        )
+        self.pipeline_.fit(X, y)
+        self.classes_ = self.pipeline_.classes_
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self, "pipeline_")
+        return self.pipeline_.predict_proba(X)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self, "pipeline_")
+        return self.pipeline_.predict(X)
+
+
+class _Standardized(nn.Module):
+    """A torch classifier whose input standardization travels in its state_dict."""
+
+    def __init__(self, body: nn.Module, mean: np.ndarray, scale: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+        self.body = body
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.body((features - self.mean) / self.scale)
+
+
+class TorchHead(ClassifierMixin, BaseEstimator):
+    """Shared training loop of the torch heads: AdamW on mini-batches, early stopping on val."""
+
+    def __init__(
+        self,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        epochs: int = 100,
+        batch_size: int = 256,
+        patience: int = 10,
+        seed: int = 0,
+        device: str = "cpu",
+    ) -> None:
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.patience = patience
+        self.seed = seed
+        self.device = device
+
+    def build_body(self, n_features: int, n_classes: int) -> nn.Module:
+        raise NotImplementedError
+
+    def fit(self, X: np.ndarray, y: np.ndarray, eval_set: tuple[np.ndarray, np.ndarray] | None = None) -> "TorchHead":
+        """Train on (X, y); with ``eval_set=(X_val, y_val)``, keep the epoch with the best val accuracy."""
+        X = np.asarray(X, dtype=np.float32)
+        self.classes_, targets = np.unique(np.asarray(y), return_inverse=True)
+        generator = torch.Generator().manual_seed(self.seed)
+        torch.manual_seed(self.seed)
+
+        mean = X.mean(axis=0)
+        scale = X.std(axis=0)
+        scale[scale < 1e-6] = 1.0
+        device = torch.device(self.device)
+        module = _Standardized(self.build_body(X.shape[1], len(self.classes_)), mean, scale).to(device)
+        optimizer = torch.optim.AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        loss_function = nn.CrossEntropyLoss()
+        features = torch.as_tensor(X, device=device)
+        labels = torch.as_tensor(targets, device=device)
+
+        best_score, best_state, best_epoch, stale = -1.0, None, 0, 0
+        for epoch in range(self.epochs):
+            module.train()
+            order = torch.randperm(len(features), generator=generator).to(device)
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_function(module(features[batch]), labels[batch])
+                loss.backward()
+                optimizer.step()
+
+            if eval_set is None:
+                continue
+            self.module_ = module
+            score = float(np.mean(self.predict(eval_set[0]) == np.asarray(eval_set[1])))
+            if score > best_score:
+                best_score, best_state, best_epoch, stale = score, copy.deepcopy(module.state_dict()), epoch, 0
+            else:
+                stale += 1
+                if stale >= self.patience:
+                    break
+
+        if best_state is not None:
+            module.load_state_dict(best_state)
+        module.eval()
+        self.module_ = module
+        self.best_epoch_ = best_epoch if eval_set is not None else self.epochs - 1
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self, "module_")
+        self.module_.eval()
+        with torch.inference_mode():
+            logits = self.module_(torch.as_tensor(np.asarray(X, dtype=np.float32), device=torch.device(self.device)))
+            return torch.softmax(logits, dim=1).cpu().numpy()
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+
+class LinearHead(TorchHead):
+    """One linear layer on standardized features (torch)."""
+
+    def build_body(self, n_features: int, n_classes: int) -> nn.Module:
+        return nn.Linear(n_features, n_classes)
+
+
+class MLPHead(TorchHead):
+    """One hidden layer with ReLU and dropout on standardized features (torch)."""
+
+    def __init__(
+        self,
+        *,
+        hidden: int = 512,
+        dropout: float = 0.5,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        epochs: int = 100,
+        batch_size: int = 256,
+        patience: int = 10,
+        seed: int = 0,
+        device: str = "cpu",
+    ) -> None:
+        super().__init__(
+            lr=lr, weight_decay=weight_decay, epochs=epochs, batch_size=batch_size, patience=patience, seed=seed, device=device
+        )
+        self.hidden = hidden
+        self.dropout = dropout
+
+    def build_body(self, n_features: int, n_classes: int) -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(n_features, self.hidden), nn.ReLU(), nn.Dropout(self.dropout), nn.Linear(self.hidden, n_classes)
+        )
+
+
+# Each head's search space: selection picks the setting with the best val accuracy.
+HEADS: dict[str, tuple[type, dict[str, list]]] = {
+    "logreg": (LogisticRegressionHead, {"C": [0.01, 0.1, 1.0, 10.0]}),
+    "linear": (LinearHead, {"lr": [1e-3, 1e-2], "weight_decay": [1e-4]}),
+    "mlp": (MLPHead, {"lr": [1e-3], "weight_decay": [1e-4]}),
+}
