@@ -176,7 +176,7 @@ def _load_torchvision_weights(name: str, enum, offline: bool) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     how_to_place = (
         f"download {enum.url} on a machine with internet access and place it at {path} "
-        "(or set TORCH_HOME to a folder holding checkpoints/), or pass --checkpoint FILE"
+        "(torch looks in $TORCH_HOME/hub/checkpoints), or pass --checkpoint FILE"
     )
     if offline:
         raise WeightsNotAvailableError(f"Weights {enum} of {name} are not on disk at {path}: {how_to_place}.")

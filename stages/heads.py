@@ -138,6 +138,7 @@ class TorchHead(ClassifierMixin, BaseEstimator):
             return torch.softmax(logits, dim=1).cpu().numpy()
 
     def predict(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self, "module_")
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
 

@@ -165,5 +165,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         for row in rows
     ]
     widths = [max(len(str(item)) for item in column) for column in zip(header, *lines)]
-    render = lambda items: "  ".join(str(item).ljust(width) for item, width in zip(items, widths))  # noqa: E731
+
+    def render(items: list) -> str:
+        return "  ".join(str(item).ljust(width) for item, width in zip(items, widths)).rstrip()
+
     return "\n".join([render(header), render(["-" * width for width in widths]), *map(render, lines)])

@@ -1,0 +1,110 @@
+"""The featcache command line, run in-process as a user would."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+
+
+def test_extract_then_heads(in_tmp, colour_folder, capsys):
+    code = main(["extract", "--data", str(colour_folder), "--workers", "0", "--batch-size", "9", "--offline"])
+    assert code == 0
+    store_folder = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (store_folder / "manifest.json").is_file()
+
+    code = main(["heads", "--heads", "logreg,linear"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "pre_logits  logreg" in table
+    assert "pre_logits  linear" in table
+
+    results_folder = in_tmp / "data" / "results" / store_folder.name
+    rows = json.loads((results_folder / "results.json").read_text())["results"]
+    assert {row["head"] for row in rows} == {"logreg", "linear"}
+    assert all(row["eval_split"] == "val" for row in rows)
+    assert all(row["accuracy"] > 0.9 for row in rows)
+    assert (results_folder / "results.csv").is_file()
+    assert (results_folder / "heads" / "pre_logits__logreg.joblib").is_file()
+    assert (results_folder / "heads" / "pre_logits__linear.pt").is_file()
+
+
+def test_heads_without_store_is_an_error(in_tmp, caplog):
+    assert main(["heads"]) == 2
+    assert "featcache extract" in caplog.text
+
+
+def test_taps_lists_blocks_and_pre_logits(capsys):
+    assert main(["taps", "efficientnet_lite0"]) == 0
+    output = capsys.readouterr().out
+    assert "blocks.3" in output
+    assert "pre_logits" in output
+    assert "1280" in output
+
+
+def test_unknown_tap_names_the_command(in_tmp, colour_folder, caplog):
+    code = main(["extract", "--data", str(colour_folder), "--taps", "blocks.99", "--workers", "0", "--offline"])
+    assert code == 2
+    assert "featcache taps" in caplog.text
+
+
+def test_unknown_backbone_is_an_error(in_tmp, colour_folder, caplog):
+    assert main(["extract", "--data", str(colour_folder), "--backbone", "no_such_net", "--offline"]) == 2
+    assert "no_such_net" in caplog.text
+
+
+def test_missing_torchvision_weights_name_the_file(in_tmp, colour_folder, caplog, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(in_tmp / "torch-home"))
+    code = main(["extract", "--data", str(colour_folder), "--backbone", "resnet18", "--offline"])
+    assert code == 2
+    assert "resnet18" in caplog.text
+    assert str(in_tmp / "torch-home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in caplog.text
+    assert "place it at" in caplog.text
+
+
+def test_missing_timm_weights_name_the_cache(in_tmp, colour_folder, caplog, monkeypatch):
+    code = main(["extract", "--data", str(colour_folder), "--backbone", "resnet10t", "--offline"])
+    assert code == 2
+    assert "resnet10t" in caplog.text
+    assert "--checkpoint" in caplog.text
+
+
+def test_random_weights_need_no_download(in_tmp, colour_folder, capsys):
+    code = main(
+        ["extract", "--data", str(colour_folder), "--backbone", "resnet18", "--weights", "random",
+         "--taps", "layer2,pre_logits", "--workers", "0", "--offline"]
+    )
+    assert code == 0
+    store_folder = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    manifest = json.loads((store_folder / "manifest.json").read_text())
+    assert manifest["taps"] == {"layer2": 128, "pre_logits": 512}
+    assert manifest["provenance"]["weights"] == "random"
+
+
+def test_local_checkpoint_is_loaded(in_tmp, colour_folder, capsys):
+    import torch
+    import torchvision
+
+    torch.manual_seed(3)
+    model = torchvision.models.resnet18(num_classes=1000)
+    checkpoint = in_tmp / "my-resnet18.pth"
+    torch.save(model.state_dict(), checkpoint)
+    code = main(["extract", "--data", str(colour_folder), "--backbone", "resnet18", "--checkpoint", str(checkpoint),
+                 "--workers", "0", "--offline"])
+    assert code == 0
+    store_folder = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    manifest = json.loads((store_folder / "manifest.json").read_text())
+    assert manifest["provenance"]["weights"] == str(checkpoint)
+
+
+def test_invalid_dtype_rejected_by_parser(in_tmp, colour_folder):
+    with pytest.raises(SystemExit):
+        main(["extract", "--data", str(colour_folder), "--offline", "--dtype", "float64"])
+
+
+def test_invalid_batch_size_rejected(in_tmp, colour_folder, caplog):
+    assert main(["extract", "--data", str(colour_folder), "--offline", "--batch-size", "0"]) == 2
+    assert "batch_size=0" in caplog.text

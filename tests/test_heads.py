@@ -1,0 +1,80 @@
+"""Heads follow the scikit-learn contract and learn separable features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+
+from stages.heads import HEADS, LinearHead, LogisticRegressionHead, MLPHead
+
+
+def blobs(seed: int, n_per_class: int = 40, n_classes: int = 3, dim: int = 16):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 4, (n_classes, dim))
+    X = np.concatenate([centres[label] + rng.normal(0, 1, (n_per_class, dim)) for label in range(n_classes)])
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    return X.astype(np.float32), y
+
+
+HEAD_FACTORIES = {
+    "logreg": lambda: LogisticRegressionHead(C=1.0),
+    "linear": lambda: LinearHead(lr=1e-2, epochs=30),
+    "mlp": lambda: MLPHead(hidden=32, lr=1e-2, epochs=30),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_FACTORIES))
+def test_head_learns_separable_blobs(name):
+    X, y = blobs(0)
+    X_test, y_test = blobs(0, n_per_class=20)
+    head = HEAD_FACTORIES[name]().fit(X, y)
+    assert np.mean(head.predict(X_test) == y_test) > 0.95
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_FACTORIES))
+def test_head_probabilities_sum_to_one(name):
+    X, y = blobs(1)
+    probabilities = HEAD_FACTORIES[name]().fit(X, y).predict_proba(X)
+    assert probabilities.shape == (len(X), 3)
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_FACTORIES))
+def test_head_not_fitted_raises(name):
+    with pytest.raises(NotFittedError):
+        HEAD_FACTORIES[name]().predict(np.zeros((2, 16), np.float32))
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_FACTORIES))
+def test_head_fit_returns_self(name):
+    X, y = blobs(2)
+    head = HEAD_FACTORIES[name]()
+    assert head.fit(X, y) is head
+
+
+def test_head_keeps_string_classes():
+    X, y = blobs(3)
+    labels = np.array(["ant", "bee", "wasp"])[y]
+    head = LinearHead(lr=1e-2, epochs=20).fit(X, labels)
+    assert set(head.predict(X)) <= {"ant", "bee", "wasp"}
+    assert list(head.classes_) == ["ant", "bee", "wasp"]
+
+
+def test_mlp_params_clone():
+    head = MLPHead(hidden=64, dropout=0.1, lr=0.5)
+    cloned = clone(head)
+    assert cloned.get_params()["hidden"] == 64
+    assert cloned.get_params()["lr"] == 0.5
+
+
+def test_torch_head_is_seeded():
+    X, y = blobs(4)
+    first = LinearHead(lr=1e-2, epochs=5, seed=7).fit(X, y).predict_proba(X)
+    second = LinearHead(lr=1e-2, epochs=5, seed=7).fit(X, y).predict_proba(X)
+    assert np.array_equal(first, second)
+
+
+def test_registry_names():
+    assert set(HEADS) >= {"logreg", "linear", "mlp"}
