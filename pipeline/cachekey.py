@@ -14,8 +14,7 @@ from pipeline.settings import MAX_ASPECT_RATIO, ExtractSettings
 from pipeline.store import file_sha256
 
 # Bump when the stored bytes change for the same inputs, so that old stores are not reused.
-# Version 2: batches never cross shard boundaries, and very elongated images are resized with a
-# bounded longer side.
+# Version 2: batches never cross shard boundaries, and very elongated images are padded before resizing.
 KEY_VERSION = 2
 
 

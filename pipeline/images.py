@@ -106,21 +106,30 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.
     return decode_image(path, max_pixels).image
 
 
+def pad_to_aspect_ratio(image: torch.Tensor) -> torch.Tensor:
+    """Pad the shorter side of a (C, H, W) image with zeros until its aspect ratio is at most MAX_ASPECT_RATIO.
+
+    Without this, resizing a 1x2000 image to a 256-pixel shorter side would need a 256x512000 tensor.
+    """
+    height, width = image.shape[-2:]
+    if max(height, width) <= MAX_ASPECT_RATIO * min(height, width):
+        return image
+    short = -(-max(height, width) // MAX_ASPECT_RATIO)  # ceiling division
+    pad_height, pad_width = max(0, short - height), max(0, short - width)
+    top, left = pad_height // 2, pad_width // 2
+    return torch.nn.functional.pad(image, (left, pad_width - left, top, pad_height - top))
+
+
 def build_transform(preprocessing: Preprocessing) -> T.Compose:
     """Resize the shorter side, center-crop, scale to [0, 1] and normalize, as the weights expect.
 
-    The longer side is capped at ``MAX_ASPECT_RATIO`` times the resize size, so a very elongated
-    image gets a shorter side below the crop size and the center crop pads it with zeros.
+    Images more elongated than MAX_ASPECT_RATIO are first padded with black to that ratio.
     """
     return T.Compose(
         [
             T.PILToTensor(),
-            T.Resize(
-                preprocessing.resize_size,
-                interpolation=InterpolationMode(preprocessing.interpolation),
-                max_size=preprocessing.resize_size * MAX_ASPECT_RATIO,
-                antialias=True,
-            ),
+            T.Lambda(pad_to_aspect_ratio),
+            T.Resize(preprocessing.resize_size, interpolation=InterpolationMode(preprocessing.interpolation), antialias=True),
             T.CenterCrop(preprocessing.crop_size),
             T.ToDtype(torch.float32, scale=True),
             T.Normalize(mean=list(preprocessing.mean), std=list(preprocessing.std)),

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -98,6 +98,21 @@ def _build_backbone(settings: ExtractSettings) -> "Backbone":
     return backbone
 
 
+def _locate_store(
+    settings: ExtractSettings, dataset: Dataset, provenance: dict[str, Any]
+) -> tuple[dict[str, Any], str, Path, dict[str, Any] | None]:
+    """Return the key fields, the key, the store folder and the manifest already there (or None)."""
+    fields = key_fields(settings, dataset, provenance)
+    key = compute_key(fields)
+    folder = store_folder(settings, dataset, provenance["backbone"], key)
+    recover_replaced_store(folder)
+    return fields, key, folder, read_manifest(folder)
+
+
+def _is_cache_hit(existing: dict[str, Any] | None, key: str, settings: ExtractSettings) -> bool:
+    return bool(existing and existing.get("complete") and existing.get("key") == key and not settings.force)
+
+
 def run_extraction(settings: ExtractSettings) -> ExtractionResult:
     """Extract every tap of every image into a store, reusing a complete store with the same key."""
     settings.validate()
@@ -110,14 +125,10 @@ def run_extraction(settings: ExtractSettings) -> ExtractionResult:
     if provenance is None:
         backbone = _build_backbone(settings)
         provenance = backbone.provenance()
-    fields = key_fields(settings, dataset, provenance)
-    key = compute_key(fields)
-    folder = store_folder(settings, dataset, provenance["backbone"], key)
-    recover_replaced_store(folder)
+    fields, key, folder, existing = _locate_store(settings, dataset, provenance)
 
     # cache hit: a complete store with the same key
-    existing = read_manifest(folder)
-    if existing and existing.get("complete") and existing.get("key") == key and not settings.force:
+    if _is_cache_hit(existing, key, settings):
         seconds = time.perf_counter() - started
         logger.info(
             "Cache hit: store %s is complete for key %s, so the backbone was not run (%.2f s).", folder, key[:12], seconds
@@ -126,10 +137,15 @@ def run_extraction(settings: ExtractSettings) -> ExtractionResult:
 
     if backbone is None:
         backbone = _build_backbone(settings)
-        if backbone.provenance() != provenance:
-            # _build_backbone has replaced the stale cache entry, so the next call computes the right key
-            logger.warning("The cached identity of backbone %s was stale; recomputing the key.", settings.backbone)
-            return run_extraction(settings)
+        built_key = compute_key(key_fields(settings, dataset, backbone.provenance()))
+        if built_key != key:
+            # _build_backbone has replaced the stale cache entry; the built backbone decides the key
+            logger.warning("The cached identity of backbone %s was stale; using the built one.", settings.backbone)
+            fields, key, folder, existing = _locate_store(settings, dataset, backbone.provenance())
+            if _is_cache_hit(existing, key, settings):
+                logger.info("Cache hit: store %s is complete for key %s.", folder, key[:12])
+                return ExtractionResult(folder, True, 0, len(existing.get("skipped", [])), time.perf_counter() - started)
+        provenance = backbone.provenance()
 
     # a complete store already in the folder stays in place until its replacement is complete
     target = folder
