@@ -1,6 +1,6 @@
 """Cache keys: one SHA-256 over everything that changes the contents of a feature store.
 
-This module imports no torch, so a cache hit can be answered without loading a backbone.
+This module imports no torch, so a cache hit is detected without loading a backbone.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """CSV manifests: a dataset listed as ``path,label[,split]`` rows instead of class folders.
 
-Paths are relative to the CSV file's folder (absolute paths are accepted too). With a split column
-every row names train, val or test and the class-to-index map comes from the train rows; without
-it each class is split by the same seeded stratified split as a folder without split folders.
-Every error names the CSV file and the row number, counting the header as row 1.
+Paths are relative to the CSV file's folder, and absolute paths are accepted too. With a split
+column, every row names train, val or test, and the class-to-index map comes from the train rows.
+Without one, each class gets the seeded stratified split of a folder without split folders. Every
+error names the CSV file and the row number, counting the header as row 1.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ STORED_DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "gzip", "lzf")
 # Pillow raises DecompressionBombError above twice its warning size of 89,478,485 pixels (Pillow 13).
 DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
-# Longest side / shortest side beyond which an image is padded with black before resizing: a 1x2000
-# image resized to a 256-pixel shorter side would otherwise need a 256x512000 tensor.
+# Maximum ratio of an image's longer side to its shorter side. A more elongated image is padded with
+# black to this ratio before resizing, because a 1x2000 image resized to a 256-pixel shorter side
+# would otherwise need a 256x512000 tensor.
 MAX_ASPECT_RATIO = 16
 
 

@@ -44,8 +44,8 @@ SHARD_FOLDER = "shards"
 STRING = h5py.string_dtype("utf-8")
 REBUILD_SUFFIX = ".rebuild"
 RETIRED_SUFFIX = ".replaced"
-# Rows per HDF5 chunk of the feature datasets; chunks run along the samples, so reading a range of
-# samples touches only the chunks that hold them.
+# Rows per HDF5 chunk of the feature datasets. Chunks run along the samples, so reading a range of
+# samples touches only the chunks that contain them.
 CHUNK_ROWS = 256
 
 

@@ -76,14 +76,14 @@ def describe_write_error(error: OSError, folder: Path) -> str:
             "The shards already completed are kept and rerunning the same command resumes; "
             "earlier stores are unchanged."
         )
-    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
         return f"Cannot write the store to {where} ({error.strerror}): pass a writable --output folder."
     return f"Writing the store {folder} failed at {where}: {error}. Earlier stores are unchanged."
 
 
 @contextmanager
 def store_write_errors(folder: Path) -> Iterator[None]:
-    """Re-raise an OSError from writing a store as a StoreError with a message that says what to do."""
+    """Re-raise an OSError from writing a store as a StoreError whose message names the next step."""
     try:
         yield
     except OSError as error:
@@ -111,6 +111,37 @@ def _locate_store(
 
 def _is_cache_hit(existing: dict[str, Any] | None, key: str, settings: ExtractSettings) -> bool:
     return bool(existing and existing.get("complete") and existing.get("key") == key and not settings.force)
+
+
+def _store_header(
+    settings: ExtractSettings, dataset: Dataset, key: str, fields: dict[str, Any], provenance: dict[str, Any]
+) -> dict[str, Any]:
+    """Return what a new manifest records besides its shards: key, classes, provenance and versions."""
+    return {
+        "key": key,
+        "key_fields": fields,
+        "class_names": dataset.class_names,
+        "num_samples_planned": len(dataset.samples),
+        "shard_size": settings.shard_size,
+        "dtype": settings.dtype,
+        "compression": settings.compression,
+        "split_source": dataset.split_source,
+        "dataset_root": str(dataset.root),
+        "provenance": {**provenance, "taps": list(settings.taps), "pooling": settings.pooling},
+        "versions": library_versions(),
+        "warnings": dataset.warnings,
+    }
+
+
+def _check_any_stored(writer: StoreWriter, dataset: Dataset) -> None:
+    """Raise when no file of the dataset decoded; the store then stays incomplete."""
+    if any(entry["count"] for entry in writer.manifest["shards"]):
+        return
+    reasons = "; ".join(f"{item['path']}: {item['reason']}" for item in writer.manifest["skipped"][:3])
+    raise ValueError(
+        f"Every one of the {len(dataset.samples)} images of {dataset.root} failed to decode "
+        f"(for example {reasons}): check that the source contains readable images."
+    )
 
 
 def run_extraction(settings: ExtractSettings) -> ExtractionResult:
@@ -153,31 +184,12 @@ def run_extraction(settings: ExtractSettings) -> ExtractionResult:
         target = rebuild_folder(folder)
         logger.info("Building the replacement of store %s (key %s) in %s", folder, str(existing.get("key"))[:12], target)
 
-    header = {
-        "key": key,
-        "key_fields": fields,
-        "class_names": dataset.class_names,
-        "num_samples_planned": len(dataset.samples),
-        "shard_size": settings.shard_size,
-        "dtype": settings.dtype,
-        "compression": settings.compression,
-        "split_source": dataset.split_source,
-        "dataset_root": str(dataset.root),
-        "provenance": {**provenance, "taps": list(settings.taps), "pooling": settings.pooling},
-        "versions": library_versions(),
-        "warnings": dataset.warnings,
-    }
+    header = _store_header(settings, dataset, key, fields, provenance)
     with store_write_errors(target):
         writer = StoreWriter.create_or_resume(target, header, settings_to_dict(settings), fresh=settings.force)
     extracted, tap_dims = _extract_pending(settings, dataset, backbone, writer)
 
-    stored = sum(entry["count"] for entry in writer.manifest["shards"])
-    if stored == 0:
-        reasons = "; ".join(f"{item['path']}: {item['reason']}" for item in writer.manifest["skipped"][:3])
-        raise ValueError(
-            f"Every one of the {len(dataset.samples)} images of {dataset.root} failed to decode "
-            f"(for example {reasons}): check that the folder holds readable images."
-        )
+    _check_any_stored(writer, dataset)
     taps = tap_dims or writer.manifest.get("taps") or {}
     with store_write_errors(target):
         writer.finish({"taps": taps})

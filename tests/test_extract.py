@@ -44,6 +44,17 @@ def settings_for(source: Path, output: Path, **changes) -> ExtractSettings:
     return ExtractSettings(**values)
 
 
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    """A dataset of 6 images in train/ and val/, small enough for several runs per test."""
+    root = tmp_path / "tiny"
+    for split, count in (("train", 2), ("val", 1)):
+        for name, colour in (("red", (220, 30, 30)), ("blue", (30, 40, 220))):
+            for item in range(count):
+                write_colour_image(root / split / name / f"{name}_{item}.png", colour, item + 10 * len(split))
+    return root
+
+
 def store_arrays(folder: Path) -> dict[str, np.ndarray]:
     """Concatenate every column and tap of the shards the manifest lists, in shard order."""
     manifest = read_manifest(folder)
@@ -71,8 +82,8 @@ def assert_same_store(expected: Path, actual: Path) -> None:
 # cache hits and rebuilds
 
 
-def test_rerun_is_cache_hit(colour_folder: Path, tmp_path: Path, monkeypatch, caplog) -> None:
-    settings = settings_for(colour_folder, tmp_path / "out")
+def test_rerun_is_cache_hit(tiny_folder: Path, tmp_path: Path, monkeypatch, caplog) -> None:
+    settings = settings_for(tiny_folder, tmp_path / "out")
     first = run_extraction(settings)
 
     def fail_build(settings):
@@ -82,18 +93,18 @@ def test_rerun_is_cache_hit(colour_folder: Path, tmp_path: Path, monkeypatch, ca
     with caplog.at_level(logging.INFO, logger="stages.extract"):
         second = run_extraction(settings)
     assert first.cache_hit is False
-    assert first.extracted == 27
+    assert first.extracted == 6
     assert second.cache_hit is True
     assert second.extracted == 0
     assert second.folder == first.folder
     assert "Cache hit" in caplog.text
 
 
-def test_cli_cache_hit_under_two_seconds(colour_folder: Path, tmp_path: Path) -> None:
+def test_cli_cache_hit_under_two_seconds(tiny_folder: Path, tmp_path: Path) -> None:
     output = tmp_path / "out"
-    run_extraction(settings_for(colour_folder, output))
+    run_extraction(settings_for(tiny_folder, output))
     command = [
-        sys.executable, "-m", "pipeline", "extract", "--data", str(colour_folder), "--backbone", BACKBONE[0],
+        sys.executable, "-m", "pipeline", "extract", "--data", str(tiny_folder), "--backbone", BACKBONE[0],
         "--weights", BACKBONE[1], "--workers", "0", "--output", str(output),
     ]
     started = time.perf_counter()
@@ -104,21 +115,21 @@ def test_cli_cache_hit_under_two_seconds(colour_folder: Path, tmp_path: Path) ->
     assert seconds < 2.0
 
 
-def test_keyed_change_makes_new_store(colour_folder: Path, tmp_path: Path) -> None:
-    first = run_extraction(settings_for(colour_folder, tmp_path / "out"))
-    second = run_extraction(settings_for(colour_folder, tmp_path / "out", dtype="float16"))
+def test_keyed_change_makes_new_store(tiny_folder: Path, tmp_path: Path) -> None:
+    first = run_extraction(settings_for(tiny_folder, tmp_path / "out"))
+    second = run_extraction(settings_for(tiny_folder, tmp_path / "out", dtype="float16"))
     assert second.cache_hit is False
     assert second.folder != first.folder
     assert verify_store(first.folder) == []
 
 
-def test_force_rebuilds_same_features(colour_folder: Path, tmp_path: Path) -> None:
-    settings = settings_for(colour_folder, tmp_path / "out")
+def test_force_rebuilds_same_features(tiny_folder: Path, tmp_path: Path) -> None:
+    settings = settings_for(tiny_folder, tmp_path / "out")
     first = run_extraction(settings)
     saved = {name: values.copy() for name, values in store_arrays(first.folder).items()}
-    forced = run_extraction(settings_for(colour_folder, tmp_path / "out", force=True))
+    forced = run_extraction(settings_for(tiny_folder, tmp_path / "out", force=True))
     assert forced.cache_hit is False
-    assert forced.extracted == 27
+    assert forced.extracted == 6
     assert sorted(path.name for path in (tmp_path / "out").iterdir() if not path.name.startswith(".")) == [
         first.folder.name
     ]
@@ -126,9 +137,9 @@ def test_force_rebuilds_same_features(colour_folder: Path, tmp_path: Path) -> No
         np.testing.assert_array_equal(store_arrays(forced.folder)[name], values, err_msg=name)
 
 
-def test_fixed_name_replaced_by_new_key(colour_folder: Path, tmp_path: Path) -> None:
-    run_extraction(settings_for(colour_folder, tmp_path / "out", name="fixed"))
-    second = run_extraction(settings_for(colour_folder, tmp_path / "out", name="fixed", dtype="float16"))
+def test_fixed_name_replaced_by_new_key(tiny_folder: Path, tmp_path: Path) -> None:
+    run_extraction(settings_for(tiny_folder, tmp_path / "out", name="fixed"))
+    second = run_extraction(settings_for(tiny_folder, tmp_path / "out", name="fixed", dtype="float16"))
     assert read_manifest(second.folder)["dtype"] == "float16"
     assert verify_store(second.folder) == []
     assert not (tmp_path / "out" / "fixed.rebuild").exists()
@@ -192,6 +203,7 @@ def make_messy_dataset(root: Path, with_bad: bool) -> dict[str, str]:
     return modes
 
 
+@pytest.mark.slow
 def test_messy_folder_skips_and_aligns(tmp_path: Path) -> None:
     modes = make_messy_dataset(tmp_path / "messy", with_bad=True)
     make_messy_dataset(tmp_path / "clean", with_bad=False)
@@ -257,35 +269,35 @@ def fail_with_full_disk(*args, **kwargs):
 
 
 @pytest.mark.parametrize("change", [{"dtype": "float16"}, {"force": True}])
-def test_full_disk_keeps_earlier_store(colour_folder: Path, tmp_path: Path, monkeypatch, change: dict) -> None:
-    earlier = run_extraction(settings_for(colour_folder, tmp_path / "out"))
+def test_full_disk_keeps_earlier_store(tiny_folder: Path, tmp_path: Path, monkeypatch, change: dict) -> None:
+    earlier = run_extraction(settings_for(tiny_folder, tmp_path / "out"))
     manifest_before = (earlier.folder / "manifest.json").read_text()
     monkeypatch.setattr(pipeline.store, "write_shard_file", fail_with_full_disk)
     with pytest.raises(StoreError, match="No space left on device while writing shard-00000.h5.tmp"):
-        run_extraction(settings_for(colour_folder, tmp_path / "out", **change))
+        run_extraction(settings_for(tiny_folder, tmp_path / "out", **change))
     assert (earlier.folder / "manifest.json").read_text() == manifest_before
     assert verify_store(earlier.folder) == []
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions")
-def test_unwritable_output_folder_chmod(colour_folder: Path, tmp_path: Path) -> None:
+def test_unwritable_output_folder_chmod(tiny_folder: Path, tmp_path: Path) -> None:
     output = tmp_path / "locked"
     output.mkdir()
     output.chmod(0o555)
     try:
         with pytest.raises(StoreError, match="pass a writable --output folder"):
-            run_extraction(settings_for(colour_folder, output))
+            run_extraction(settings_for(tiny_folder, output))
     finally:
         output.chmod(0o755)
 
 
-def test_unwritable_output_folder_message(colour_folder: Path, tmp_path: Path, monkeypatch) -> None:
+def test_unwritable_output_folder_message(tiny_folder: Path, tmp_path: Path, monkeypatch) -> None:
     def deny(self, *args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
 
     monkeypatch.setattr(Path, "mkdir", deny)
     with pytest.raises(StoreError, match="Permission denied.*pass a writable --output folder"):
-        run_extraction(settings_for(colour_folder, tmp_path / "out"))
+        run_extraction(settings_for(tiny_folder, tmp_path / "out"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,3 +342,21 @@ def test_kill_resume_matches_uninterrupted(colour_folder: Path, tmp_path: Path) 
     assert_same_store(reference.folder, output / "store")
     manifest = json.loads((output / "store" / "manifest.json").read_text())
     assert manifest["complete"] is True
+
+
+@pytest.mark.real_data
+def test_hymenoptera_odd_files_extract(shared_datasets: Path, tmp_path: Path) -> None:
+    ants = shared_datasets / "hymenoptera_data" / "train" / "ants"
+    bees = shared_datasets / "hymenoptera_data" / "train" / "bees"
+    bee_files = sorted(bees.glob("*.jpg"))[:2]
+    rows = ["path,label,split", f"{ants / 'imageNotFound.gif'},ants,train", f"{ants / 'ant photos.jpg'},ants,train"]
+    rows += [f"{path},bees,train" for path in bee_files]
+    csv_path = tmp_path / "odd.csv"
+    csv_path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    result = run_extraction(settings_for(csv_path, tmp_path / "out"))
+    store = FeatureStore(result.folder)
+    paths = store.paths("train")
+    assert result.skipped == 0
+    assert str(ants / "imageNotFound.gif") in paths
+    assert str(ants / "ant photos.jpg") in paths
+    assert read_manifest(result.folder)["modes"]["P"] == 1
