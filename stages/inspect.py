@@ -105,6 +105,15 @@ def _read_columns(folder: Path, manifest: dict[str, Any]) -> tuple[np.ndarray, n
     return np.concatenate(labels), np.concatenate(splits)
 
 
+def _describe_preprocessing(preprocessing: dict[str, Any]) -> str:
+    if not preprocessing:
+        return "not recorded"
+    return (
+        f"resize {preprocessing.get('resize_size')}, crop {preprocessing.get('crop_size')}, "
+        f"{preprocessing.get('interpolation')}, mean {preprocessing.get('mean')}, std {preprocessing.get('std')}"
+    )
+
+
 def inspect_store(folder: str | Path) -> str:
     """Return a plain-text report of a store, complete or not."""
     folder = Path(folder)
@@ -120,6 +129,7 @@ def inspect_store(folder: str | Path) -> str:
         f"dataset      {manifest.get('dataset_root')} (split from {manifest.get('split_source')}), {planned} files",
         f"backbone     {provenance.get('backbone')} ({provenance.get('family')}), weights {provenance.get('weights')}",
         f"weights sha  {provenance.get('weights_sha256')}",
+        f"preprocess   {_describe_preprocessing(provenance.get('preprocessing') or {})}",
         f"pooling      {provenance.get('pooling')}",
         f"dtype        {manifest.get('dtype')}, compression {manifest.get('compression', 'none')}",
         f"shards       {len(manifest['shards'])} in {SHARD_FOLDER}/, up to {shard_size} samples each",
