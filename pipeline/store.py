@@ -14,7 +14,7 @@ fsynced and renamed into place; only then is it added to the manifest, which is 
 atomically. A reader therefore never sees a partial shard, and an interrupted run resumes from
 the shards the manifest lists.
 
-A ``--force`` rebuild, or a new key under a folder name that holds a complete store, writes into
+A ``--force`` rebuild, or a new key under a folder name that contains a complete store, writes into
 ``<folder>.rebuild`` and replaces the old store only once the new one is complete, so a failed
 rebuild leaves the earlier store intact.
 """
