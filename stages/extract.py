@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import platform
 import time
 from contextlib import contextmanager
@@ -70,7 +71,8 @@ def store_folder(settings: ExtractSettings, dataset: Dataset, backbone_name: str
 def describe_write_error(error: OSError, folder: Path) -> str:
     """Turn a failed write into a message that names the file, the cause and the next step."""
     where = error.filename or folder
-    if error.errno == errno.ENOSPC:
+    # h5py reports HDF5 write failures as OSError, sometimes with the cause only in the message
+    if error.errno == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(error):
         return (
             f"No space left on device while writing {where}: free space on that disk or pass another --output. "
             "The shards already completed are kept and rerunning the same command resumes; "
