@@ -14,7 +14,7 @@ HEADS ?= logreg,linear,mlp
 STORE ?=
 EXTRA ?=
 
-.PHONY: install demo extract heads taps test test-fast clean
+.PHONY: install demo extract heads taps inspect verify test test-fast clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ heads: $(INSTALLED)
 
 taps: $(INSTALLED)
 	$(FEATCACHE) taps $(BACKBONE)
+
+inspect: $(INSTALLED)
+	$(FEATCACHE) inspect $(STORE)
+
+verify: $(INSTALLED)
+	$(FEATCACHE) verify $(STORE)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest

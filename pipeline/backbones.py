@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -279,7 +280,13 @@ def load_checkpoint_into(backbone: Backbone, checkpoint: str) -> Backbone:
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} not found: pass the path of a saved state_dict.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"Checkpoint {path} was rejected: it contains pickled objects other than tensors and plain "
+            "containers, and loading those could run arbitrary code. Save only the model's state_dict."
+        ) from error
     for wrapper_key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper_key), dict):
             state = state[wrapper_key]

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.settings import DEFAULT_BACKBONE, DatasetSettings, ExtractSettings, HeadSettings
+from pipeline.settings import DEFAULT_BACKBONE, DEFAULT_MAX_IMAGE_PIXELS, DatasetSettings, ExtractSettings, HeadSettings
 
 logger = logging.getLogger("featcache")
 
@@ -28,7 +28,7 @@ def _comma_list(value: str) -> tuple[str, ...]:
 
 
 def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default="digits", help="class-per-folder directory, or 'digits' (embedded)")
+    parser.add_argument("--data", default="digits", help="class-per-folder directory, CSV manifest, or 'digits'")
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="embedded, torchvision or timm model name")
     parser.add_argument("--weights", default="default", help="'default', a torchvision weights member, or 'random'")
     parser.add_argument("--checkpoint", default=None, help="local state_dict file loaded into the backbone")
@@ -46,11 +46,20 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="store folder name (default: dataset-backbone-key)")
     parser.add_argument("--offline", action="store_true", help="never download weights")
     parser.add_argument("--force", action="store_true", help="rebuild the store even on a cache hit")
+    parser.add_argument("--compression", default="none", choices=["none", "gzip", "lzf"], help="HDF5 compression of features")
+    parser.add_argument(
+        "--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="skip and list images with more pixels (width * height) than this",
+    )
+    parser.add_argument(
+        "--content-hash", action="store_true",
+        help="key the store by the bytes of every file instead of their sizes and modification times",
+    )
 
 
 def extract_settings_from(args: argparse.Namespace) -> ExtractSettings:
     return ExtractSettings(
-        dataset=DatasetSettings(args.data, args.val_fraction, args.test_fraction, args.split_seed),
+        dataset=DatasetSettings(args.data, args.val_fraction, args.test_fraction, args.split_seed, args.content_hash),
         backbone=args.backbone,
         weights=args.weights,
         checkpoint=args.checkpoint,
@@ -65,6 +74,8 @@ def extract_settings_from(args: argparse.Namespace) -> ExtractSettings:
         name=args.name,
         offline=args.offline,
         force=args.force,
+        compression=args.compression,
+        max_image_pixels=args.max_image_pixels,
     )
 
 
@@ -120,6 +131,26 @@ def command_taps(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_inspect(args: argparse.Namespace) -> int:
+    from stages.inspect import inspect_store
+
+    print(inspect_store(args.store))
+    return 0
+
+
+def command_verify(args: argparse.Namespace) -> int:
+    from stages.inspect import verify_store
+
+    problems = verify_store(args.store)
+    for problem in problems:
+        logger.error("%s", problem)
+    if problems:
+        print(f"{args.store}: {len(problems)} problems")
+        return 1
+    print(f"{args.store}: every shard matches the manifest")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featcache", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -144,19 +175,39 @@ def build_parser() -> argparse.ArgumentParser:
     taps.add_argument("--depth", type=int, default=2, help="list layers up to this many dots deep")
     taps.add_argument("--offline", action="store_true")
     taps.set_defaults(handler=command_taps)
+
+    inspect = commands.add_parser("inspect", help="describe a store: counts, taps, provenance, skipped files")
+    inspect.add_argument("store", help="store folder")
+    inspect.set_defaults(handler=command_inspect)
+
+    verify = commands.add_parser("verify", help="check every shard of a store against its manifest (exit 1 on mismatch)")
+    verify.add_argument("store", help="store folder")
+    verify.set_defaults(handler=command_verify)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.backbones import WeightsNotAvailableError
+def reported_errors() -> tuple[type[Exception], ...]:
+    """Return the error types that main reports as one line with exit code 2 instead of a traceback."""
     from pipeline.settings import SettingsError
     from pipeline.store import StoreError
 
+    errors: list[type[Exception]] = [SettingsError, StoreError, FileNotFoundError, ValueError]
+    # pipeline.backbones imports torch, which costs seconds, so a cache hit must not import it here.
+    # Its error can only be raised once a command has imported it.
+    backbones = sys.modules.get("pipeline.backbones")
+    if backbones is not None:
+        errors.append(backbones.WeightsNotAvailableError)
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     try:
         return args.handler(args)
-    except (SettingsError, WeightsNotAvailableError, StoreError, FileNotFoundError, ValueError) as error:
+    except Exception as error:
+        if not isinstance(error, reported_errors()):
+            raise
         logger.error("%s", error)
         return 2
 

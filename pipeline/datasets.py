@@ -3,6 +3,7 @@
 Sources:
 - a class-per-folder directory, with ``train/``, ``val/``, ``test/`` subfolders when present and
   otherwise a deterministic stratified split;
+- a CSV manifest of ``path,label[,split]`` rows (``pipeline.manifest_csv``);
 - ``digits``: scikit-learn's 1,797 8x8 digit images, rendered once as PNG files under
   ``data/datasets/digits`` with a fixed stratified train/val/test split.
 """
@@ -41,7 +42,7 @@ class Dataset:
     root: Path
     class_names: list[str]
     samples: list[Sample]
-    split_source: str  # "folders" when the split came from train/val/test folders, else "seeded"
+    split_source: str  # "folders" or "csv" when the split came from the source, else "seeded"
     warnings: list[str] = field(default_factory=list)
 
     def count(self, split: str) -> int:
@@ -84,7 +85,7 @@ def seeded_split(count: int, val_fraction: float, test_fraction: float, seed: in
     return splits
 
 
-def _sorted_samples(samples: list[Sample]) -> list[Sample]:
+def sorted_samples(samples: list[Sample]) -> list[Sample]:
     return sorted(samples, key=lambda sample: (SPLITS.index(sample.split), sample.path))
 
 
@@ -110,8 +111,8 @@ def scan_folder(root: Path, settings: DatasetSettings) -> Dataset:
                     )
                 images = list_images(folder)
                 if not images:
-                    warnings.append(f"class folder {folder} holds no images")
-                samples += [Sample(str(path.relative_to(root)), index[folder.name], split) for path in images]
+                    warnings.append(f"class folder {folder} contains no images")
+                samples += [Sample(path.relative_to(root).as_posix(), index[folder.name], split) for path in images]
         source = "folders"
     else:
         folders = class_folders(root)
@@ -122,17 +123,17 @@ def scan_folder(root: Path, settings: DatasetSettings) -> Dataset:
         for label, folder in enumerate(folders):
             images = list_images(folder)
             if not images:
-                warnings.append(f"class folder {folder} holds no images")
+                warnings.append(f"class folder {folder} contains no images")
             seed = settings.split_seed * 1_000_003 + label
             splits = seeded_split(len(images), settings.val_fraction, settings.test_fraction, seed)
-            samples += [Sample(str(path.relative_to(root)), label, split) for path, split in zip(images, splits)]
+            samples += [Sample(path.relative_to(root).as_posix(), label, split) for path, split in zip(images, splits)]
         source = "seeded"
 
     for message in warnings:
         logger.warning("%s", message)
     if not samples:
         raise ValueError(f"No images found below {root}: expected files ending in {sorted(IMAGE_EXTENSIONS)}.")
-    return Dataset(root.name, root, class_names, _sorted_samples(samples), source, warnings)
+    return Dataset(root.name, root, class_names, sorted_samples(samples), source, warnings)
 
 
 def render_digits(root: Path) -> Path:
@@ -169,8 +170,13 @@ def load_dataset(settings: DatasetSettings, data_root: Path = DATA_ROOT) -> Data
         dataset.name = settings.source
         return dataset
     path = Path(settings.source)
+    if path.suffix.lower() == ".csv" and path.is_file():
+        from pipeline.manifest_csv import read_csv_manifest
+
+        return read_csv_manifest(path, settings)
     if not path.exists():
         raise SettingsError(
-            f"Dataset {settings.source!r} not found: pass a class-per-folder directory or one of {list(EMBEDDED_DATASETS)}."
+            f"Dataset {settings.source!r} not found: pass a class-per-folder directory, a CSV manifest "
+            f"(path,label[,split]) or one of {list(EMBEDDED_DATASETS)}."
         )
     return scan_folder(path, settings)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import struct
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,19 +17,38 @@ from torchvision.transforms import InterpolationMode
 
 from pipeline.backbones import Preprocessing
 from pipeline.datasets import Sample
+from pipeline.settings import DEFAULT_MAX_IMAGE_PIXELS, MAX_ASPECT_RATIO
 
 logger = logging.getLogger(__name__)
+
+
+# Pillow's plugins raise these types on corrupt or unsupported files.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, Image.DecompressionBombError)
+EXIF_ORIENTATION = 0x0112
 
 
 class UnreadableImageError(ValueError):
     """A file could not be decoded as an image."""
 
 
+@dataclass
+class DecodedImage:
+    """An RGB image with what decoding found out about the file."""
+
+    image: Image.Image
+    mode: str  # Pillow mode of the file before conversion, such as "CMYK" or "I;16"
+    orientation: int  # EXIF orientation tag, applied to the pixels (1: upright or no tag)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB, rescaling 16- and 32-bit values instead of clipping."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
-        high = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        peak = float(values.max()) if values.size else 0.0
+        if image.mode.startswith("I;16") or (image.mode == "I" and peak <= 65535.0):
+            high = 65535.0
+        else:
+            high = max(peak, 1.0)
         image = Image.fromarray(np.clip(values / high * 255.0, 0, 255).astype(np.uint8), mode="L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
@@ -37,23 +59,76 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: Path) -> Image.Image:
-    """Decode the first frame of an image file as RGB, with its EXIF orientation applied."""
+@contextmanager
+def _pixel_limit_lifted():
+    """Disable Pillow's own decompression-bomb check, because ``max_pixels`` replaces it.
+
+    NOTE: this sets the module-level ``Image.MAX_IMAGE_PIXELS``, so it is not safe when another
+    thread of the same process decodes images at the same time.
+    """
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> DecodedImage:
+    """Decode the first frame of an image file as RGB, with its EXIF orientation applied.
+
+    Raises UnreadableImageError, with the reason, for a corrupt file or one above ``max_pixels``.
+    """
+    try:
+        with _pixel_limit_lifted(), Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise UnreadableImageError(
+                    f"{width}x{height} is {width * height} pixels, above the limit of {max_pixels}: "
+                    "raise --max-image-pixels to decode it"
+                )
             image.seek(0)
+            mode = image.mode
+            orientation = int(image.getexif().get(EXIF_ORIENTATION, 1))
             image = ImageOps.exif_transpose(image)
             image.load()
-            return to_rgb(image)
-    except (OSError, ValueError, SyntaxError) as error:
-        raise UnreadableImageError(f"{path}: {type(error).__name__}: {error}") from error
+            return DecodedImage(to_rgb(image), mode, orientation)
+    except UnreadableImageError:
+        raise
+    except DECODE_ERRORS as error:
+        raise UnreadableImageError(f"{type(error).__name__}: {error}") from error
+
+
+def load_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode the first frame of an image file as RGB, with its EXIF orientation applied."""
+    return decode_image(path, max_pixels).image
+
+
+def pad_to_aspect_ratio(image: torch.Tensor) -> torch.Tensor:
+    """Pad the shorter side of a (C, H, W) image with zeros until its aspect ratio is at most MAX_ASPECT_RATIO.
+
+    Without this, resizing a 1x2000 image to a 256-pixel shorter side would need a 256x512000 tensor.
+    """
+    height, width = image.shape[-2:]
+    if max(height, width) <= MAX_ASPECT_RATIO * min(height, width):
+        return image
+    short = -(-max(height, width) // MAX_ASPECT_RATIO)  # ceiling division
+    pad_height, pad_width = max(0, short - height), max(0, short - width)
+    top, left = pad_height // 2, pad_width // 2
+    return torch.nn.functional.pad(image, (left, pad_width - left, top, pad_height - top))
 
 
 def build_transform(preprocessing: Preprocessing) -> T.Compose:
-    """Resize the shorter side, center-crop, scale to [0, 1] and normalize, as the weights expect."""
+    """Resize the shorter side, center-crop, scale to [0, 1] and normalize, as the weights expect.
+
+    Images more elongated than MAX_ASPECT_RATIO are first padded with black to that ratio.
+    """
     return T.Compose(
         [
             T.PILToTensor(),
+            T.Lambda(pad_to_aspect_ratio),
             T.Resize(preprocessing.resize_size, interpolation=InterpolationMode(preprocessing.interpolation), antialias=True),
             T.CenterCrop(preprocessing.crop_size),
             T.ToDtype(torch.float32, scale=True),
@@ -69,16 +144,32 @@ class LoadedItem:
     index: int
     image: torch.Tensor | None
     error: str | None
+    mode: str = ""  # Pillow mode of the file before conversion
+    orientation: int = 1  # EXIF orientation that was applied
+
+
+@dataclass
+class LoadedBatch:
+    """The decoded images of one batch, in index order, and the files that failed."""
+
+    images: torch.Tensor | None  # (B, 3, H, W), None when every file of the batch failed
+    indices: list[int]
+    modes: list[str]
+    orientations: list[int]
+    failures: list[tuple[int, str]]  # (index, reason)
 
 
 class ImageFileDataset(torch.utils.data.Dataset):
     """Map-style dataset over samples that never raises on a bad file: it returns the error."""
 
-    def __init__(self, root: Path, samples: list[Sample], transform, indices: list[int]) -> None:
+    def __init__(
+        self, root: Path, samples: list[Sample], transform, indices: list[int], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    ) -> None:
         self.root = root
         self.samples = samples
         self.transform = transform
         self.indices = indices
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -87,14 +178,21 @@ class ImageFileDataset(torch.utils.data.Dataset):
         index = self.indices[position]
         path = self.root / self.samples[index].path
         try:
-            return LoadedItem(index, self.transform(load_image(path)), None)
+            decoded = decode_image(path, self.max_pixels)
         except UnreadableImageError as error:
-            return LoadedItem(index, None, str(error.__cause__ or error))
+            return LoadedItem(index, None, str(error))
+        return LoadedItem(index, self.transform(decoded.image), None, decoded.mode, decoded.orientation)
 
 
-def collate_items(items: list[LoadedItem]) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
-    """Stack the decoded images of a batch; return (images, their indices, failures)."""
+def collate_items(items: list[LoadedItem]) -> LoadedBatch:
+    """Stack the decoded images of a batch and keep the failures apart."""
     good = [item for item in items if item.image is not None]
     failures = [(item.index, item.error or "unknown error") for item in items if item.image is None]
     images = torch.stack([item.image for item in good]) if good else None
-    return images, [item.index for item in good], failures
+    return LoadedBatch(
+        images=images,
+        indices=[item.index for item in good],
+        modes=[item.mode for item in good],
+        orientations=[item.orientation for item in good],
+        failures=failures,
+    )

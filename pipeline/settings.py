@@ -15,6 +15,13 @@ DATA_ROOT = Path("data")
 DEFAULT_BACKBONE = "efficientnet_lite0"
 DEFAULT_TAP = "pre_logits"
 STORED_DTYPES = ("float32", "float16")
+COMPRESSIONS = ("none", "gzip", "lzf")
+# Pillow raises DecompressionBombError above twice its warning size of 89,478,485 pixels (Pillow 13).
+DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
+# Maximum ratio of an image's longer side to its shorter side. A more elongated image is padded with
+# black to this ratio before resizing, because a 1x2000 image resized to a 256-pixel shorter side
+# would otherwise need a 256x512000 tensor.
+MAX_ASPECT_RATIO = 16
 
 
 class SettingsError(ValueError):
@@ -32,6 +39,8 @@ class DatasetSettings:
     test_fraction: float = 0.2
     # Seed of the stratified split; the same seed always gives the same split.
     split_seed: int = 0
+    # Hash the bytes of every file for the cache key, not only its size and modification time.
+    content_hash: bool = False
 
     def validate(self) -> None:
         for name in ("val_fraction", "test_fraction"):
@@ -79,6 +88,10 @@ class ExtractSettings:
     offline: bool = False
     # Rebuild the store even when a complete one with the same key exists.
     force: bool = False
+    # HDF5 compression filter of the feature datasets: "none", "gzip" or "lzf".
+    compression: str = "none"
+    # Images with more pixels (width * height) are skipped and listed instead of decoded.
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     def validate(self) -> None:
         self.dataset.validate()
@@ -93,6 +106,10 @@ class ExtractSettings:
                 raise SettingsError(f"{name}={getattr(self, name)} is invalid: use a positive integer.")
         if self.workers < 0:
             raise SettingsError(f"workers={self.workers} is invalid: use 0 or more.")
+        if self.compression not in COMPRESSIONS:
+            raise SettingsError(f"compression={self.compression!r} is invalid: use one of {list(COMPRESSIONS)}.")
+        if self.max_image_pixels < 1:
+            raise SettingsError(f"max_image_pixels={self.max_image_pixels} is invalid: use a positive pixel count.")
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,19 @@ Layout of a store folder::
 
     manifest.json          key, provenance, class names, taps, and the list of complete shards
     settings.json          the resolved stage-one settings
-    shards/shard-00000.h5  features/<tap> (n, D), label (n,), path (n,), split (n,), index (n,)
+    shards/shard-00000.h5  features/<tap> (n, D), label (n,), path (n,), split (n,), index (n,),
+                           mode (n,), orientation (n,); attributes name the key, the shard, its
+                           index range and the files it skipped
 
 Shard ``k`` holds the samples whose dataset index lies in ``[k * shard_size, (k + 1) * shard_size)``
 (fewer when some failed to decode). Each shard is written under a temporary name, flushed,
 fsynced and renamed into place; only then is it added to the manifest, which is itself replaced
 atomically. A reader therefore never sees a partial shard, and an interrupted run resumes from
 the shards the manifest lists.
+
+A ``--force`` rebuild, or a new key under a folder name that contains a complete store, writes into
+``<folder>.rebuild`` and replaces the old store only once the new one is complete, so a failed
+rebuild leaves the earlier store intact.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +42,11 @@ MANIFEST = "manifest.json"
 SETTINGS = "settings.json"
 SHARD_FOLDER = "shards"
 STRING = h5py.string_dtype("utf-8")
+REBUILD_SUFFIX = ".rebuild"
+RETIRED_SUFFIX = ".replaced"
+# Rows per HDF5 chunk of the feature datasets. Chunks run along the samples, so reading a range of
+# samples touches only the chunks that contain them.
+CHUNK_ROWS = 256
 
 
 class StoreError(RuntimeError):
@@ -84,6 +97,81 @@ class ShardData:
     paths: list[str]
     splits: list[str]
     indices: np.ndarray  # (n,) int64, dataset order
+    modes: list[str] = field(default_factory=list)  # Pillow mode of each file before conversion
+    orientations: list[int] = field(default_factory=list)  # EXIF orientation applied, 1 when upright
+
+
+def shard_file_name(shard: int) -> str:
+    return f"{SHARD_FOLDER}/shard-{shard:05d}.h5"
+
+
+def pending_shards(manifest: dict[str, Any], total: int, shard_size: int) -> list[int]:
+    """Return the shards of a dataset of ``total`` samples that the manifest does not list as complete."""
+    done = {entry["shard"] for entry in manifest["shards"]}
+    shard_count = (total + shard_size - 1) // shard_size
+    return [shard for shard in range(shard_count) if shard not in done]
+
+
+def write_shard_file(
+    folder: Path,
+    shard: int,
+    data: ShardData,
+    skipped: list[dict[str, str]],
+    key: str,
+    shard_size: int,
+    dtype: str,
+    compression: str = "none",
+) -> dict[str, Any]:
+    """Write one shard under a temporary name, fsync it, rename it into place and return its manifest entry.
+
+    The file describes itself: its attributes name the store key, the shard number, the dataset
+    index range it covers and the files of that range that were skipped.
+    """
+    relative = shard_file_name(shard)
+    final = Path(folder) / relative
+    temporary = final.with_name(final.name + ".tmp")
+    filter_name = None if compression == "none" else compression
+    with h5py.File(temporary, "w") as handle:
+        group = handle.create_group("features")
+        for tap, values in data.features.items():
+            values = values.astype(dtype, copy=False)  # (n, D)
+            chunks = (max(1, min(CHUNK_ROWS, len(values))), values.shape[1]) if values.size else None
+            group.create_dataset(tap, data=values, chunks=chunks, compression=filter_name)
+        handle.create_dataset("label", data=data.labels.astype(np.int64))
+        handle.create_dataset("path", data=np.array(data.paths, dtype=object), dtype=STRING)
+        handle.create_dataset("split", data=np.array(data.splits, dtype=object), dtype=STRING)
+        handle.create_dataset("index", data=data.indices.astype(np.int64))
+        handle.create_dataset("mode", data=np.array(data.modes, dtype=object), dtype=STRING)
+        handle.create_dataset("orientation", data=np.array(data.orientations, dtype=np.int8))
+        handle.attrs["format"] = FORMAT
+        handle.attrs["key"] = key
+        handle.attrs["shard"] = shard
+        handle.attrs["first_index"] = shard * shard_size
+        handle.attrs["stop_index"] = (shard + 1) * shard_size
+        handle.attrs["skipped"] = json.dumps(skipped)
+        handle.flush()
+    with open(temporary, "rb+") as raw:
+        os.fsync(raw.fileno())
+    os.replace(temporary, final)
+    _fsync_folder(final.parent)
+
+    return {
+        "shard": shard,
+        "file": relative,
+        "count": int(len(data.labels)),
+        "sha256": file_sha256(final),
+        "modes": dict(sorted(Counter(data.modes).items())),
+        "exif_rotated": sum(1 for orientation in data.orientations if orientation != 1),
+    }
+
+
+def add_shard_entry(manifest: dict[str, Any], entry: dict[str, Any], skipped: list[dict[str, str]]) -> None:
+    """Record a written shard and the files it skipped in ``manifest``, replacing an older entry of that shard."""
+    shard = entry["shard"]
+    others = [item for item in manifest["shards"] if item["shard"] != shard]
+    manifest["shards"] = sorted(others + [entry], key=lambda item: item["shard"])
+    kept = [item for item in manifest["skipped"] if item.get("shard") != shard]
+    manifest["skipped"] = kept + [{**item, "shard": shard} for item in skipped]
 
 
 class StoreWriter:
@@ -94,11 +182,19 @@ class StoreWriter:
         self.manifest = manifest
 
     @classmethod
-    def create_or_resume(cls, folder: Path, header: dict[str, Any], settings: dict[str, Any]) -> "StoreWriter":
-        """Open the store at ``folder`` for writing, resuming it when its manifest has the same key."""
+    def create_or_resume(
+        cls, folder: Path, header: dict[str, Any], settings: dict[str, Any], fresh: bool = False
+    ) -> "StoreWriter":
+        """Open the store at ``folder`` for writing, resuming it when its manifest has the same key.
+
+        With ``fresh``, or when the key differs, a new manifest replaces the old one first and the
+        old shard files are deleted after it, so a crash in between never pairs a manifest with
+        shards of another key.
+        """
         folder = Path(folder)
         existing = read_manifest(folder)
-        if existing is not None and existing.get("key") == header["key"] and not existing.get("complete"):
+        same_key = existing is not None and existing.get("key") == header["key"]
+        if same_key and not existing.get("complete") and not fresh:
             logger.info("Resuming store %s: %d shards already complete", folder, len(existing["shards"]))
             return cls(folder, existing)
 
@@ -111,48 +207,69 @@ class StoreWriter:
             "skipped": [],
             **header,
         }
-        write_json_atomic(folder / SETTINGS, settings)
         write_json_atomic(folder / MANIFEST, manifest)
+        write_json_atomic(folder / SETTINGS, settings)
+        for stale in (folder / SHARD_FOLDER).iterdir():
+            if stale.is_file():
+                stale.unlink()
         return cls(folder, manifest)
 
     def completed_shards(self) -> set[int]:
         return {entry["shard"] for entry in self.manifest["shards"]}
 
-    def write_shard(self, shard: int, data: ShardData, skipped: list[dict[str, str]], dtype: str) -> None:
+    def write_shard(
+        self, shard: int, data: ShardData, skipped: list[dict[str, str]], dtype: str, compression: str = "none"
+    ) -> None:
         """Write one shard atomically and record it, with the files it skipped, in the manifest."""
-        name = f"shard-{shard:05d}.h5"
-        final = self.folder / SHARD_FOLDER / name
-        temporary = final.with_name(name + ".tmp")
-        with h5py.File(temporary, "w") as handle:
-            group = handle.create_group("features")
-            for tap, values in data.features.items():
-                group.create_dataset(tap, data=values.astype(dtype, copy=False))
-            handle.create_dataset("label", data=data.labels.astype(np.int64))
-            handle.create_dataset("path", data=np.array(data.paths, dtype=object), dtype=STRING)
-            handle.create_dataset("split", data=np.array(data.splits, dtype=object), dtype=STRING)
-            handle.create_dataset("index", data=data.indices.astype(np.int64))
-            handle.attrs["shard"] = shard
-            handle.attrs["key"] = self.manifest["key"]
-            handle.flush()
-        with open(temporary, "rb+") as raw:
-            os.fsync(raw.fileno())
-        os.replace(temporary, final)
-        _fsync_folder(final.parent)
-
-        entry = {"shard": shard, "file": f"{SHARD_FOLDER}/{name}", "count": int(len(data.labels)), "sha256": file_sha256(final)}
-        self.manifest["shards"] = sorted(
-            [item for item in self.manifest["shards"] if item["shard"] != shard] + [entry], key=lambda item: item["shard"]
+        entry = write_shard_file(
+            self.folder, shard, data, skipped, self.manifest["key"], int(self.manifest["shard_size"]), dtype, compression
         )
-        self.manifest["skipped"] = [item for item in self.manifest["skipped"] if item.get("shard") != shard] + [
-            {**item, "shard": shard} for item in skipped
-        ]
+        add_shard_entry(self.manifest, entry, skipped)
         write_json_atomic(self.folder / MANIFEST, self.manifest)
 
     def finish(self, extra: dict[str, Any]) -> None:
         self.manifest.update(extra)
+        modes: Counter = Counter()
+        for entry in self.manifest["shards"]:
+            modes.update(entry.get("modes", {}))
+        self.manifest["modes"] = dict(sorted(modes.items()))
+        self.manifest["exif_rotated"] = sum(entry.get("exif_rotated", 0) for entry in self.manifest["shards"])
         self.manifest["complete"] = True
         self.manifest["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_json_atomic(self.folder / MANIFEST, self.manifest)
+
+
+def rebuild_folder(folder: Path) -> Path:
+    """Return the folder where a replacement of the complete store at ``folder`` is built."""
+    return folder.with_name(folder.name + REBUILD_SUFFIX)
+
+
+def replace_store(rebuilt: Path, folder: Path) -> None:
+    """Move a complete rebuilt store into ``folder``, retiring the old store only after the move.
+
+    A crash between the two renames leaves no store at ``folder``, and the next call of
+    ``recover_replaced_store`` completes the move.
+    """
+    retired = folder.with_name(folder.name + RETIRED_SUFFIX)
+    if retired.exists():
+        shutil.rmtree(retired)
+    if folder.exists():
+        os.replace(folder, retired)
+    os.replace(rebuilt, folder)
+    _fsync_folder(folder.parent)
+    if retired.exists():
+        shutil.rmtree(retired)
+
+
+def recover_replaced_store(folder: Path) -> None:
+    """Finish a replacement that a crash interrupted between its two renames."""
+    rebuilt = rebuild_folder(folder)
+    if folder.exists() or not rebuilt.is_dir():
+        return
+    manifest = read_manifest(rebuilt)
+    if manifest is not None and manifest.get("complete"):
+        logger.warning("Completing the interrupted replacement of store %s by %s", folder, rebuilt)
+        replace_store(rebuilt, folder)
 
 
 class FeatureStore:
@@ -220,7 +337,10 @@ class FeatureStore:
             blocks = []
             for path in self.shard_paths():
                 with h5py.File(path, "r") as handle:
-                    blocks.append(handle["features"][tap][:])
+                    block = handle["features"][tap][:]
+                # a shard whose files all failed to decode may store (0, 0) when no dimension was known yet
+                if len(block):
+                    blocks.append(block)
             self._features[tap] = np.concatenate(blocks) if blocks else np.zeros((0, self.taps[tap]), np.float32)
         return self._features[tap]
 

@@ -1,30 +1,45 @@
-"""Stage one: push a dataset through a frozen backbone once and write the taps to a feature store."""
+"""Stage one: push a dataset through a frozen backbone once and write the taps to a feature store.
+
+torch and the backbone modules are imported only when a backbone has to run, so that a cache hit
+(a complete store with the same key) returns without loading either.
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
 
-import h5py
 import numpy as np
-import sklearn
-import timm
-import torch
-import torchvision
-from tqdm.auto import tqdm
 
-from pipeline.backbones import Backbone, build_backbone, resolve_device
 from pipeline.cachekey import compute_key, key_fields
 from pipeline.datasets import Dataset, load_dataset
-from pipeline.images import ImageFileDataset, build_transform, collate_items
+from pipeline.identity import cached_identity, remember_identity
 from pipeline.settings import ExtractSettings, settings_to_dict
-from pipeline.store import ShardData, StoreWriter, read_manifest
-from pipeline.taps import TapExtractor
+from pipeline.store import (
+    ShardData,
+    StoreError,
+    StoreWriter,
+    pending_shards,
+    read_manifest,
+    rebuild_folder,
+    recover_replaced_store,
+    replace_store,
+)
+
+if TYPE_CHECKING:
+    from pipeline.backbones import Backbone
 
 logger = logging.getLogger(__name__)
+
+VERSIONED_PACKAGES = ("torch", "torchvision", "timm", "h5py", "numpy", "scikit-learn", "pillow")
 
 
 @dataclass
@@ -38,61 +53,151 @@ class ExtractionResult:
     seconds: float
 
 
-def library_versions() -> dict[str, str]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "timm": timm.__version__,
-        "h5py": h5py.__version__,
-        "numpy": np.__version__,
-        "scikit-learn": sklearn.__version__,
-    }
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
-def store_folder(settings: ExtractSettings, dataset: Dataset, backbone: Backbone, key: str) -> Path:
-    name = settings.name or f"{dataset.name}-{backbone.name}-{key[:12]}"
+def store_folder(settings: ExtractSettings, dataset: Dataset, backbone_name: str, key: str) -> Path:
+    name = settings.name or f"{dataset.name}-{backbone_name}-{key[:12]}"
     return Path(settings.output_root) / name
 
 
-def run_extraction(settings: ExtractSettings) -> ExtractionResult:
-    """Extract every tap of every image into a store, reusing a complete store with the same key."""
-    settings.validate()
-    started = time.perf_counter()
+def describe_write_error(error: OSError, folder: Path) -> str:
+    """Turn a failed write into a message that names the file, the cause and the next step."""
+    where = error.filename or folder
+    # h5py reports HDF5 write failures as OSError, sometimes with the cause only in the message
+    if error.errno == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(error):
+        return (
+            f"No space left on device while writing {where}: free space on that disk or pass another --output. "
+            "The shards already completed are kept and rerunning the same command resumes; "
+            "earlier stores are unchanged."
+        )
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
+        return f"Cannot write the store to {where} ({error.strerror}): pass a writable --output folder."
+    return f"Writing the store {folder} failed at {where}: {error}. Earlier stores are unchanged."
 
-    dataset = load_dataset(settings.dataset)
+
+@contextmanager
+def store_write_errors(folder: Path) -> Iterator[None]:
+    """Re-raise an OSError from writing a store as a StoreError whose message names the next step."""
+    try:
+        yield
+    except OSError as error:
+        raise StoreError(describe_write_error(error, folder)) from error
+
+
+def _build_backbone(settings: ExtractSettings) -> "Backbone":
+    from pipeline.backbones import build_backbone
+
     backbone = build_backbone(settings.backbone, settings.weights, settings.checkpoint, settings.offline)
-    fields = key_fields(settings, dataset, backbone)
+    remember_identity(settings, backbone.provenance())
+    return backbone
+
+
+def _locate_store(
+    settings: ExtractSettings, dataset: Dataset, provenance: dict[str, Any]
+) -> tuple[dict[str, Any], str, Path, dict[str, Any] | None]:
+    """Return the key fields, the key, the store folder and the manifest already there (or None)."""
+    fields = key_fields(settings, dataset, provenance)
     key = compute_key(fields)
-    folder = store_folder(settings, dataset, backbone, key)
+    folder = store_folder(settings, dataset, provenance["backbone"], key)
+    recover_replaced_store(folder)
+    return fields, key, folder, read_manifest(folder)
 
-    # cache hit: a complete store with the same key
-    existing = read_manifest(folder)
-    if existing and existing.get("complete") and existing.get("key") == key and not settings.force:
-        seconds = time.perf_counter() - started
-        logger.info("Cache hit: store %s is complete for key %s; the backbone was not run.", folder, key[:12])
-        return ExtractionResult(folder, True, 0, len(existing.get("skipped", [])), seconds)
-    if settings.force and existing:
-        _clear_store(folder)
 
-    header = {
+def _is_cache_hit(existing: dict[str, Any] | None, key: str, settings: ExtractSettings) -> bool:
+    return bool(existing and existing.get("complete") and existing.get("key") == key and not settings.force)
+
+
+def _store_header(
+    settings: ExtractSettings, dataset: Dataset, key: str, fields: dict[str, Any], provenance: dict[str, Any]
+) -> dict[str, Any]:
+    """Return what a new manifest records besides its shards: key, classes, provenance and versions."""
+    return {
         "key": key,
         "key_fields": fields,
         "class_names": dataset.class_names,
         "num_samples_planned": len(dataset.samples),
         "shard_size": settings.shard_size,
         "dtype": settings.dtype,
+        "compression": settings.compression,
         "split_source": dataset.split_source,
         "dataset_root": str(dataset.root),
-        "provenance": {**backbone.provenance(), "taps": list(settings.taps), "pooling": settings.pooling},
+        "provenance": {**provenance, "taps": list(settings.taps), "pooling": settings.pooling},
         "versions": library_versions(),
         "warnings": dataset.warnings,
     }
-    writer = StoreWriter.create_or_resume(folder, header, settings_to_dict(settings))
+
+
+def _check_any_stored(writer: StoreWriter, dataset: Dataset) -> None:
+    """Raise when no file of the dataset decoded; the store then stays incomplete."""
+    if any(entry["count"] for entry in writer.manifest["shards"]):
+        return
+    reasons = "; ".join(f"{item['path']}: {item['reason']}" for item in writer.manifest["skipped"][:3])
+    raise ValueError(
+        f"Every one of the {len(dataset.samples)} images of {dataset.root} failed to decode "
+        f"(for example {reasons}): check that the source contains readable images."
+    )
+
+
+def run_extraction(settings: ExtractSettings) -> ExtractionResult:
+    """Extract every tap of every image into a store, reusing a complete store with the same key."""
+    settings.validate()
+    started = time.perf_counter()
+    dataset = load_dataset(settings.dataset)
+
+    # key: from the cached backbone identity when there is one, so a cache hit builds nothing
+    backbone = None
+    provenance = cached_identity(settings)
+    if provenance is None:
+        backbone = _build_backbone(settings)
+        provenance = backbone.provenance()
+    fields, key, folder, existing = _locate_store(settings, dataset, provenance)
+
+    # cache hit: a complete store with the same key
+    if _is_cache_hit(existing, key, settings):
+        seconds = time.perf_counter() - started
+        logger.info(
+            "Cache hit: store %s is complete for key %s, so the backbone was not run (%.2f s).", folder, key[:12], seconds
+        )
+        return ExtractionResult(folder, True, 0, len(existing.get("skipped", [])), seconds)
+
+    if backbone is None:
+        backbone = _build_backbone(settings)
+        built_key = compute_key(key_fields(settings, dataset, backbone.provenance()))
+        if built_key != key:
+            # _build_backbone has replaced the stale cache entry; the built backbone decides the key
+            logger.warning("The cached identity of backbone %s was stale; using the built one.", settings.backbone)
+            fields, key, folder, existing = _locate_store(settings, dataset, backbone.provenance())
+            if _is_cache_hit(existing, key, settings):
+                logger.info("Cache hit: store %s is complete for key %s.", folder, key[:12])
+                return ExtractionResult(folder, True, 0, len(existing.get("skipped", [])), time.perf_counter() - started)
+        provenance = backbone.provenance()
+
+    # a complete store already in the folder stays in place until its replacement is complete
+    target = folder
+    if existing and existing.get("complete"):
+        target = rebuild_folder(folder)
+        logger.info("Building the replacement of store %s (key %s) in %s", folder, str(existing.get("key"))[:12], target)
+
+    header = _store_header(settings, dataset, key, fields, provenance)
+    with store_write_errors(target):
+        writer = StoreWriter.create_or_resume(target, header, settings_to_dict(settings), fresh=settings.force)
     extracted, tap_dims = _extract_pending(settings, dataset, backbone, writer)
 
+    _check_any_stored(writer, dataset)
     taps = tap_dims or writer.manifest.get("taps") or {}
-    writer.finish({"taps": taps})
+    with store_write_errors(target):
+        writer.finish({"taps": taps})
+        if target != folder:
+            replace_store(target, folder)
+
     seconds = time.perf_counter() - started
     skipped = len(writer.manifest["skipped"])
     if skipped:
@@ -104,72 +209,92 @@ def run_extraction(settings: ExtractSettings) -> ExtractionResult:
     return ExtractionResult(folder, False, extracted, skipped, seconds)
 
 
-def _clear_store(folder: Path) -> None:
-    for path in sorted(folder.rglob("*"), reverse=True):
-        if path.is_file():
-            path.unlink()
+def shard_batches(shards: list[int], total: int, shard_size: int, batch_size: int) -> list[list[int]]:
+    """Split the given shards into batches of dataset indices that never cross a shard boundary.
+
+    A batch's contents then depend only on its shard, so a resumed run feeds the backbone exactly
+    the batches an uninterrupted run does, and CPU features match bit for bit.
+    """
+    batches = []
+    for shard in shards:
+        stop = min(total, (shard + 1) * shard_size)
+        for first in range(shard * shard_size, stop, batch_size):
+            batches.append(list(range(first, min(first + batch_size, stop))))
+    return batches
 
 
 def _extract_pending(
-    settings: ExtractSettings, dataset: Dataset, backbone: Backbone, writer: StoreWriter
+    settings: ExtractSettings, dataset: Dataset, backbone: "Backbone", writer: StoreWriter
 ) -> tuple[int, dict[str, int]]:
     """Run the backbone over every sample of the shards the store still lacks, and write those shards."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from pipeline.backbones import resolve_device
+    from pipeline.images import ImageFileDataset, build_transform, collate_items
+    from pipeline.taps import TapExtractor
+
     shard_size = int(writer.manifest["shard_size"])
     total = len(dataset.samples)
     shard_count = (total + shard_size - 1) // shard_size
-    done = writer.completed_shards()
-    pending = [index for index in range(total) if index // shard_size not in done]
-    if not pending:
+    shards = pending_shards(writer.manifest, total, shard_size)
+    batches = shard_batches(shards, total, shard_size, settings.batch_size)
+    pending_count = sum(len(batch) for batch in batches)
+    if not pending_count:
         return 0, {}
 
     device = resolve_device(settings.device)
     backbone.model.to(device)
     extractor = TapExtractor(backbone, settings.taps, settings.pooling)
+    # The loader's workers start here, while no HDF5 file is open: shards are opened only inside
+    # write_shard_file and closed before it returns, so no worker inherits a handle.
     loader = torch.utils.data.DataLoader(
-        ImageFileDataset(dataset.root, dataset.samples, build_transform(backbone.preprocessing), pending),
-        batch_size=settings.batch_size,
+        ImageFileDataset(
+            dataset.root, dataset.samples, build_transform(backbone.preprocessing), list(range(total)),
+            settings.max_image_pixels,
+        ),
+        batch_sampler=batches,
         num_workers=settings.workers,
         collate_fn=collate_items,
         pin_memory=device.type == "cuda",
     )
     logger.info(
         "Extracting %d of %d images (%d of %d shards pending) with %s on %s",
-        len(pending), total, shard_count - len(done), shard_count, backbone.name, device,
+        pending_count, total, len(shards), shard_count, backbone.name, device,
     )
 
     buffers: dict[int, dict] = {}
-    remaining = {shard: 0 for shard in range(shard_count)}
-    for index in pending:
-        remaining[index // shard_size] += 1
+    remaining = {shard: 0 for shard in shards}
+    for batch in batches:
+        remaining[batch[0] // shard_size] += len(batch)
     tap_dims: dict[str, int] = {}
     extracted = 0
 
-    with tqdm(total=len(pending), unit="img", desc=f"extract {backbone.name}", dynamic_ncols=True) as progress:
-        for images, indices, failures in loader:
+    with tqdm(total=pending_count, unit="img", desc=f"extract {backbone.name}", dynamic_ncols=True) as progress:
+        for batch in loader:
             outputs: dict[str, np.ndarray] = {}
-            if images is not None:
-                tapped = extractor(images.to(device, non_blocking=True))
+            if batch.images is not None:
+                tapped = extractor(batch.images.to(device, non_blocking=True))
                 outputs = {tap: value.float().cpu().numpy() for tap, value in tapped.items()}  # tap -> (B, D)
                 tap_dims = {tap: int(value.shape[1]) for tap, value in outputs.items()}
 
-            for position, index in enumerate(indices):
+            for position, index in enumerate(batch.indices):
                 buffer = buffers.setdefault(index // shard_size, {"rows": [], "skipped": []})
-                buffer["rows"].append((index, {tap: value[position] for tap, value in outputs.items()}))
-            for index, reason in failures:
+                row = {tap: value[position] for tap, value in outputs.items()}
+                buffer["rows"].append((index, row, batch.modes[position], batch.orientations[position]))
+            for index, reason in batch.failures:
                 logger.warning("Skipping %s: %s", dataset.samples[index].path, reason)
                 buffer = buffers.setdefault(index // shard_size, {"rows": [], "skipped": []})
                 buffer["skipped"].append({"path": dataset.samples[index].path, "reason": reason})
 
-            for index in indices + [index for index, _ in failures]:
+            for index in batch.indices + [index for index, _ in batch.failures]:
                 shard = index // shard_size
                 remaining[shard] -= 1
                 if remaining[shard] == 0:
                     _flush_shard(writer, dataset, shard, buffers.pop(shard), settings, tap_dims)
-            extracted += len(indices)
-            progress.update(len(indices) + len(failures))
+            extracted += len(batch.indices)
+            progress.update(len(batch.indices) + len(batch.failures))
 
-    if extracted == 0 and not writer.manifest["shards"]:
-        raise RuntimeError(f"Every one of the {total} images of {dataset.root} failed to decode; see the warnings above.")
     return extracted, tap_dims
 
 
@@ -177,18 +302,23 @@ def _flush_shard(
     writer: StoreWriter, dataset: Dataset, shard: int, buffer: dict, settings: ExtractSettings, tap_dims: dict[str, int]
 ) -> None:
     rows = sorted(buffer["rows"], key=lambda row: row[0])
-    indices = np.array([index for index, _ in rows], dtype=np.int64)
-    features = {
-        tap: (np.stack([row[tap] for _, row in rows]) if rows else np.zeros((0, tap_dims.get(tap, 0)), np.float32))
-        for tap in settings.taps
-    }
+    indices = np.array([row[0] for row in rows], dtype=np.int64)
+    features = {}
+    for tap in settings.taps:
+        if rows:
+            features[tap] = np.stack([row[1][tap] for row in rows])  # (n, D)
+        else:
+            features[tap] = np.zeros((0, tap_dims.get(tap, 0)), np.float32)
     data = ShardData(
         features=features,
         labels=np.array([dataset.samples[index].label for index in indices], dtype=np.int64),
         paths=[dataset.samples[index].path for index in indices],
         splits=[dataset.samples[index].split for index in indices],
         indices=indices,
+        modes=[row[2] for row in rows],
+        orientations=[row[3] for row in rows],
     )
     if rows:
         writer.manifest["taps"] = {tap: int(values.shape[1]) for tap, values in features.items()}
-    writer.write_shard(shard, data, buffer["skipped"], settings.dtype)
+    with store_write_errors(writer.folder):
+        writer.write_shard(shard, data, buffer["skipped"], settings.dtype, settings.compression)

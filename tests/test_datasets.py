@@ -1,7 +1,8 @@
-"""Dataset sources: split folders, seeded stratified splits and the embedded digits."""
+"""Scanning class-per-folder datasets: hidden and non-image files, subfolders, splits, odd names."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -10,6 +11,98 @@ import pytest
 from pipeline.datasets import load_dataset, scan_folder, seeded_split
 from pipeline.settings import DatasetSettings, SettingsError
 from tests.conftest import write_colour_image
+
+
+def make_split_folder(root: Path) -> Path:
+    for split, count in (("train", 3), ("val", 1)):
+        for name in ("cats", "dogs"):
+            for item in range(count):
+                write_colour_image(root / split / name / f"{item}.png", (100, 100, 100), item)
+    return root
+
+
+def paths_of(root: Path) -> list[str]:
+    return [sample.path for sample in scan_folder(root, DatasetSettings(str(root))).samples]
+
+
+def test_hidden_files_and_folders_ignored(tmp_path: Path) -> None:
+    root = make_split_folder(tmp_path / "data")
+    (root / "train" / "cats" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    write_colour_image(root / "train" / "cats" / ".ipynb_checkpoints" / "0-checkpoint.png", (1, 2, 3), 0)
+    write_colour_image(root / "train" / ".hidden_class" / "0.png", (1, 2, 3), 0)
+    dataset = scan_folder(root, DatasetSettings(str(root)))
+    assert dataset.class_names == ["cats", "dogs"]
+    assert not any("/." in path or path.startswith(".") for path in paths_of(root))
+
+
+def test_non_image_files_ignored(tmp_path: Path) -> None:
+    root = make_split_folder(tmp_path / "data")
+    (root / "train" / "cats" / "notes.txt").write_text("not an image")
+    (root / "train" / "cats" / "labels.csv").write_text("a,b\n")
+    paths = paths_of(root)
+    assert "train/cats/notes.txt" not in paths
+    assert "train/cats/labels.csv" not in paths
+    assert len(paths) == 8
+
+
+def test_subfolder_images_join_class(tmp_path: Path) -> None:
+    root = make_split_folder(tmp_path / "data")
+    write_colour_image(root / "train" / "dogs" / "puppies" / "small.png", (1, 2, 3), 0)
+    dataset = scan_folder(root, DatasetSettings(str(root)))
+    labels = {sample.path: dataset.class_names[sample.label] for sample in dataset.samples}
+    assert labels["train/dogs/puppies/small.png"] == "dogs"
+
+
+def test_empty_class_folder_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = make_split_folder(tmp_path / "data")
+    (root / "train" / "birds").mkdir()
+    (root / "train" / "birds" / "readme.txt").write_text("no images yet")
+    with caplog.at_level(logging.WARNING, logger="pipeline.datasets"):
+        dataset = scan_folder(root, DatasetSettings(str(root)))
+    assert "birds" in dataset.class_names
+    assert any("birds" in warning for warning in dataset.warnings)
+    assert "train/birds contains no images" in caplog.text
+
+
+def test_class_only_in_val_is_error(tmp_path: Path) -> None:
+    root = make_split_folder(tmp_path / "data")
+    write_colour_image(root / "val" / "foxes" / "0.png", (1, 2, 3), 0)
+    with pytest.raises(ValueError, match="'foxes'"):
+        scan_folder(root, DatasetSettings(str(root)))
+
+
+def test_class_index_shared_by_splits(tmp_path: Path) -> None:
+    root = make_split_folder(tmp_path / "data")
+    # val lists its class folders in another creation order; the index still comes from train's names
+    write_colour_image(root / "test" / "dogs" / "0.png", (1, 2, 3), 0)
+    write_colour_image(root / "test" / "cats" / "0.png", (1, 2, 3), 1)
+    dataset = scan_folder(root, DatasetSettings(str(root)))
+    for sample in dataset.samples:
+        class_name = sample.path.split("/")[1]
+        assert dataset.class_names[sample.label] == class_name
+
+
+def test_non_ascii_and_space_names_kept(tmp_path: Path) -> None:
+    root = make_split_folder(tmp_path / "data")
+    write_colour_image(root / "train" / "cats" / "chat noir é.png", (1, 2, 3), 0)
+    write_colour_image(root / "train" / "dogs" / "犬 photo.PNG", (1, 2, 3), 1)
+    paths = paths_of(root)
+    assert "train/cats/chat noir é.png" in paths
+    assert "train/dogs/犬 photo.PNG" in paths
+
+
+def test_missing_source_names_csv_option(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="CSV manifest"):
+        load_dataset(DatasetSettings(str(tmp_path / "absent")))
+
+
+@pytest.mark.real_data
+def test_hymenoptera_keeps_odd_files(shared_datasets: Path) -> None:
+    root = shared_datasets / "hymenoptera_data"
+    paths = paths_of(root)
+    assert "train/ants/imageNotFound.gif" in paths
+    assert "train/ants/ant photos.jpg" in paths
+    assert len(paths) == 398
 
 
 def test_split_folders_are_used(colour_folder):
@@ -47,12 +140,6 @@ def test_seeded_split_changes_with_seed():
 
 def test_seeded_split_keeps_a_training_image():
     assert seeded_split(1, 0.5, 0.4, seed=0) == ["train"]
-
-
-def test_class_missing_from_train_is_an_error(colour_folder):
-    write_colour_image(colour_folder / "val" / "purple" / "p.png", (120, 0, 120), 1)
-    with pytest.raises(ValueError, match="purple"):
-        scan_folder(colour_folder, DatasetSettings(str(colour_folder)))
 
 
 def test_missing_folder_is_an_error(tmp_path):

@@ -1,145 +1,362 @@
-"""Stage one end to end on small real image folders with the real Lite0 backbone."""
+"""Stage one end to end with a tiny timm backbone: cache hits, rebuilds, bad input, workers, crashes."""
 
 from __future__ import annotations
 
-import copy
+import errno
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-import torch
+from PIL import Image
 
+import pipeline.store
 from pipeline.settings import DatasetSettings, ExtractSettings
-from pipeline.store import FeatureStore
+from pipeline.store import FeatureStore, StoreError, read_manifest
 from stages.extract import run_extraction
+from stages.inspect import verify_store
+from tests.conftest import write_colour_image
+
+REPO = Path(__file__).resolve().parents[1]
+BACKBONE = ("test_efficientnet", "random")
+COLUMNS = ("label", "path", "split", "index", "mode", "orientation")
 
 
-def small_settings(root: Path, output: Path, **overrides) -> ExtractSettings:
+def settings_for(source: Path, output: Path, **changes) -> ExtractSettings:
     values = dict(
-        dataset=DatasetSettings(str(root)),
-        taps=("blocks.2", "pre_logits"),
-        batch_size=4,
+        dataset=DatasetSettings(str(source)),
+        backbone=BACKBONE[0],
+        weights=BACKBONE[1],
         workers=0,
-        shard_size=8,
+        batch_size=4,
+        shard_size=4,
         device="cpu",
         output_root=str(output),
-        offline=True,
     )
-    values.update(overrides)
+    values.update(changes)
     return ExtractSettings(**values)
 
 
-@pytest.fixture(scope="module")
-def colour_store(tmp_path_factory):
-    from tests.conftest import COLOURS, write_colour_image
-
-    root = tmp_path_factory.mktemp("data") / "colours"
-    seed = 0
-    for split, count in (("train", 6), ("val", 3)):
-        for name, colour in COLOURS.items():
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    """A dataset of 6 images in train/ and val/, small enough for several runs per test."""
+    root = tmp_path / "tiny"
+    for split, count in (("train", 2), ("val", 1)):
+        for name, colour in (("red", (220, 30, 30)), ("blue", (30, 40, 220))):
             for item in range(count):
-                seed += 1
-                write_colour_image(root / split / name / f"{name}_{item}.png", colour, seed)
-    output = tmp_path_factory.mktemp("features")
-    result = run_extraction(small_settings(root, output))
-    return root, output, result
+                write_colour_image(root / split / name / f"{name}_{item}.png", colour, item + 10 * len(split))
+    return root
 
 
-def test_store_holds_every_sample(colour_store):
-    _, _, result = colour_store
+def store_arrays(folder: Path) -> dict[str, np.ndarray]:
+    """Concatenate every column and tap of the shards the manifest lists, in shard order."""
+    manifest = read_manifest(folder)
+    parts: dict[str, list[np.ndarray]] = {}
+    for entry in manifest["shards"]:
+        with h5py.File(folder / entry["file"], "r") as handle:
+            for column in COLUMNS:
+                dataset = handle[column]
+                values = dataset.asstr()[:] if h5py.check_string_dtype(dataset.dtype) else dataset[:]
+                parts.setdefault(column, []).append(values)
+            for tap in manifest["taps"]:
+                if len(handle["features"][tap]):
+                    parts.setdefault(f"features/{tap}", []).append(handle["features"][tap][:])
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def assert_same_store(expected: Path, actual: Path) -> None:
+    reference, result = store_arrays(expected), store_arrays(actual)
+    assert sorted(result) == sorted(reference)
+    for name, values in reference.items():
+        np.testing.assert_array_equal(result[name], values, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# cache hits and rebuilds
+
+
+def test_rerun_is_cache_hit(tiny_folder: Path, tmp_path: Path, monkeypatch, caplog) -> None:
+    settings = settings_for(tiny_folder, tmp_path / "out")
+    first = run_extraction(settings)
+
+    def fail_build(settings):
+        raise AssertionError("the backbone was built on a cache hit")
+
+    monkeypatch.setattr("stages.extract._build_backbone", fail_build)
+    with caplog.at_level(logging.INFO, logger="stages.extract"):
+        second = run_extraction(settings)
+    assert first.cache_hit is False
+    assert first.extracted == 6
+    assert second.cache_hit is True
+    assert second.extracted == 0
+    assert second.folder == first.folder
+    assert "Cache hit" in caplog.text
+
+
+def test_cli_cache_hit_under_two_seconds(tiny_folder: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    run_extraction(settings_for(tiny_folder, output))
+    command = [
+        sys.executable, "-m", "pipeline", "extract", "--data", str(tiny_folder), "--backbone", BACKBONE[0],
+        "--weights", BACKBONE[1], "--workers", "0", "--output", str(output),
+    ]
+    started = time.perf_counter()
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    seconds = time.perf_counter() - started
+    assert completed.returncode == 0, completed.stderr
+    assert "Cache hit" in completed.stderr
+    assert seconds < 2.0
+
+
+def test_keyed_change_makes_new_store(tiny_folder: Path, tmp_path: Path) -> None:
+    first = run_extraction(settings_for(tiny_folder, tmp_path / "out"))
+    second = run_extraction(settings_for(tiny_folder, tmp_path / "out", dtype="float16"))
+    assert second.cache_hit is False
+    assert second.folder != first.folder
+    assert verify_store(first.folder) == []
+
+
+def test_force_rebuilds_same_features(tiny_folder: Path, tmp_path: Path) -> None:
+    settings = settings_for(tiny_folder, tmp_path / "out")
+    first = run_extraction(settings)
+    saved = {name: values.copy() for name, values in store_arrays(first.folder).items()}
+    forced = run_extraction(settings_for(tiny_folder, tmp_path / "out", force=True))
+    assert forced.cache_hit is False
+    assert forced.extracted == 6
+    assert sorted(path.name for path in (tmp_path / "out").iterdir() if not path.name.startswith(".")) == [
+        first.folder.name
+    ]
+    for name, values in saved.items():
+        np.testing.assert_array_equal(store_arrays(forced.folder)[name], values, err_msg=name)
+
+
+def test_fixed_name_replaced_by_new_key(tiny_folder: Path, tmp_path: Path) -> None:
+    run_extraction(settings_for(tiny_folder, tmp_path / "out", name="fixed"))
+    second = run_extraction(settings_for(tiny_folder, tmp_path / "out", name="fixed", dtype="float16"))
+    assert read_manifest(second.folder)["dtype"] == "float16"
+    assert verify_store(second.folder) == []
+    assert not (tmp_path / "out" / "fixed.rebuild").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# bad and odd input
+
+
+def write_odd_files(folder: Path) -> dict[str, str]:
+    """Write one file of each odd kind into ``folder``; return file name -> original Pillow mode."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(3).integers(0, 256, (24, 30, 3), dtype=np.uint8)
+    rgb = Image.fromarray(pixels)
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray((np.arange(24 * 30).reshape(24, 30) * 90).astype(np.uint16)).save(folder / "deep.png")
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    palette.save(folder / "palette.png", transparency=0)
+    rgb.convert("RGBA").save(folder / "rgba.png")
+    rgb.convert("L").save(folder / "grey.png")
+    rgb.convert("1").save(folder / "bits.png")
+    rgb.save(folder / "animated.gif", save_all=True, append_images=[rgb.rotate(90)], duration=40)
+    rgb.save(folder / "photo.webp")
+    rgb.save(folder / "photo.bmp")
+    rgb.save(folder / "photo.tif")
+    rgb.save(folder / "UPPER.JPG")
+    rgb.save(folder / "progressive.jpg", progressive=True)
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(folder / "one.png")
+    Image.new("RGB", (1, 2000), (10, 200, 10)).save(folder / "thin.png")
+    exif = rgb.getexif()
+    exif[0x0112] = 8
+    rgb.save(folder / "rotated.jpg", exif=exif)
+    rgb.save(folder / "été photo.png")
+    return {
+        "cmyk.jpg": "CMYK", "deep.png": "I;16", "palette.png": "P", "rgba.png": "RGBA", "grey.png": "L",
+        "bits.png": "1", "animated.gif": "P", "photo.webp": "RGB", "photo.bmp": "RGB", "photo.tif": "RGB",
+        "UPPER.JPG": "RGB", "progressive.jpg": "RGB", "one.png": "RGB", "thin.png": "RGB", "rotated.jpg": "RGB",
+        "été photo.png": "RGB",
+    }
+
+
+def write_bad_files(folder: Path) -> None:
+    pixels = np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / "truncated.jpg", quality=95)
+    (folder / "truncated.jpg").write_bytes((folder / "truncated.jpg").read_bytes()[:600])
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("this is not a JPEG\n")
+    Image.new("RGB", (300, 300), (1, 2, 3)).save(folder / "huge.png")
+
+
+def make_messy_dataset(root: Path, with_bad: bool) -> dict[str, str]:
+    modes = write_odd_files(root / "train" / "odd")
+    if with_bad:
+        write_bad_files(root / "train" / "odd")
+    for item in range(3):
+        write_colour_image(root / "train" / "plain" / f"{item}.png", (50, 60, 70), item)
+        write_colour_image(root / "val" / "plain" / f"{item}.png", (50, 60, 70), item + 10)
+        write_colour_image(root / "val" / "odd" / f"{item}.jpg", (150, 60, 70), item + 20)
+    (root / "train" / "odd" / ".DS_Store").write_bytes(b"Bud1")
+    (root / "train" / "odd" / "notes.txt").write_text("not an image")
+    return modes
+
+
+@pytest.mark.slow
+def test_messy_folder_skips_and_aligns(tmp_path: Path) -> None:
+    modes = make_messy_dataset(tmp_path / "messy", with_bad=True)
+    make_messy_dataset(tmp_path / "clean", with_bad=False)
+    options = dict(batch_size=1, shard_size=5, max_image_pixels=50_000)
+    messy = run_extraction(settings_for(tmp_path / "messy", tmp_path / "out", **options))
+    clean = run_extraction(settings_for(tmp_path / "clean", tmp_path / "out", **options))
+    manifest = read_manifest(messy.folder)
+
+    # skipped files listed with path and reason
+    skipped = {item["path"]: item["reason"] for item in manifest["skipped"]}
+    assert messy.skipped == 4
+    assert sorted(skipped) == [f"train/odd/{name}" for name in ("huge.png", "text.jpg", "truncated.jpg", "zero.jpg")]
+    assert "above the limit of 50000" in skipped["train/odd/huge.png"]
+    assert "UnidentifiedImageError" in skipped["train/odd/zero.jpg"]
+
+    # counts by original mode, and the EXIF rotation recorded
+    expected_modes = {}
+    for mode in list(modes.values()) + ["RGB"] * 3 + ["RGB"] * 6:
+        expected_modes[mode] = expected_modes.get(mode, 0) + 1
+    assert manifest["modes"] == dict(sorted(expected_modes.items()))
+    assert manifest["exif_rotated"] == 1
+
+    # labels, paths and features of the other samples stay aligned
+    store, reference = FeatureStore(messy.folder), FeatureStore(clean.folder)
+    paths = store.paths("train") + store.paths("val")
+    assert paths == reference.paths("train") + reference.paths("val")
+    assert "train/odd/été photo.png" in paths
+    for split in ("train", "val"):
+        features, labels = store.load(split, "pre_logits")
+        expected_features, expected_labels = reference.load(split, "pre_logits")
+        np.testing.assert_array_equal(labels, expected_labels)
+        np.testing.assert_array_equal(features, expected_features)
+        names = [store.class_names[label] for label in labels]
+        assert names == [path.split("/")[1] for path in store.paths(split)]
+    assert verify_store(messy.folder) == []
+
+
+def test_every_file_failing_is_error(tmp_path: Path) -> None:
+    for split in ("train", "val"):
+        folder = tmp_path / "bad" / split / "only"
+        folder.mkdir(parents=True)
+        (folder / "zero.jpg").write_bytes(b"")
+        (folder / "text.jpg").write_text("not an image")
+    with pytest.raises(ValueError, match="Every one of the 4 images"):
+        run_extraction(settings_for(tmp_path / "bad", tmp_path / "out"))
+
+
+# ---------------------------------------------------------------------------------------------
+# workers and write failures
+
+
+def test_workers_match_single_process(tmp_path: Path) -> None:
+    root = tmp_path / "twelve"
+    for item in range(12):
+        write_colour_image(root / "train" / ("a" if item % 2 else "b") / f"{item}.png", (90, 30, 30), item)
+    single = run_extraction(settings_for(root, tmp_path / "one", workers=0))
+    parallel = run_extraction(settings_for(root, tmp_path / "two", workers=2))
+    assert_same_store(single.folder, parallel.folder)
+
+
+def fail_with_full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "shard-00000.h5.tmp")
+
+
+@pytest.mark.parametrize("change", [{"dtype": "float16"}, {"force": True}])
+def test_full_disk_keeps_earlier_store(tiny_folder: Path, tmp_path: Path, monkeypatch, change: dict) -> None:
+    earlier = run_extraction(settings_for(tiny_folder, tmp_path / "out"))
+    manifest_before = (earlier.folder / "manifest.json").read_text()
+    monkeypatch.setattr(pipeline.store, "write_shard_file", fail_with_full_disk)
+    with pytest.raises(StoreError, match="No space left on device while writing shard-00000.h5.tmp"):
+        run_extraction(settings_for(tiny_folder, tmp_path / "out", **change))
+    assert (earlier.folder / "manifest.json").read_text() == manifest_before
+    assert verify_store(earlier.folder) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions")
+def test_unwritable_output_folder_chmod(tiny_folder: Path, tmp_path: Path) -> None:
+    output = tmp_path / "locked"
+    output.mkdir()
+    output.chmod(0o555)
+    try:
+        with pytest.raises(StoreError, match="pass a writable --output folder"):
+            run_extraction(settings_for(tiny_folder, output))
+    finally:
+        output.chmod(0o755)
+
+
+def test_unwritable_output_folder_message(tiny_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    def deny(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", deny)
+    with pytest.raises(StoreError, match="Permission denied.*pass a writable --output folder"):
+        run_extraction(settings_for(tiny_folder, tmp_path / "out"))
+
+
+# ---------------------------------------------------------------------------------------------
+# kill -9 at several points, then resume
+
+
+def run_until_shards(command: list[str], shards: Path, count: int, delay: float) -> int:
+    """Start the command, SIGKILL it once ``count`` shard files exist plus ``delay`` seconds; return its code."""
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if shards.is_dir() and len(list(shards.glob("*.h5"))) >= count:
+            time.sleep(delay)
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    return process.wait()
+
+
+@pytest.mark.slow
+def test_kill_resume_matches_uninterrupted(colour_folder: Path, tmp_path: Path) -> None:
+    options = dict(shard_size=2, batch_size=2)
+    reference = run_extraction(settings_for(colour_folder, tmp_path / "reference", **options))
+    output = tmp_path / "killed"
+    command = [
+        sys.executable, "-m", "pipeline", "extract", "--data", str(colour_folder), "--backbone", BACKBONE[0],
+        "--weights", BACKBONE[1], "--workers", "0", "--device", "cpu", "--shard-size", "2", "--batch-size", "2",
+        "--output", str(output), "--name", "store",
+    ]
+    shards = output / "store" / "shards"
+
+    # after the first shard, after three more, and between two shard writes
+    for count, delay in ((1, 0.0), (4, 0.0), (7, 0.05)):
+        code = run_until_shards(command, shards, count, delay)
+        assert code == -signal.SIGKILL
+        assert read_manifest(output / "store")["complete"] is False
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert completed.returncode == 0, completed.stderr
+    assert "Resuming store" in completed.stderr
+
+    assert verify_store(output / "store") == []
+    assert_same_store(reference.folder, output / "store")
+    manifest = json.loads((output / "store" / "manifest.json").read_text())
+    assert manifest["complete"] is True
+
+
+@pytest.mark.real_data
+def test_hymenoptera_odd_files_extract(shared_datasets: Path, tmp_path: Path) -> None:
+    ants = shared_datasets / "hymenoptera_data" / "train" / "ants"
+    bees = shared_datasets / "hymenoptera_data" / "train" / "bees"
+    bee_files = sorted(bees.glob("*.jpg"))[:2]
+    rows = ["path,label,split", f"{ants / 'imageNotFound.gif'},ants,train", f"{ants / 'ant photos.jpg'},ants,train"]
+    rows += [f"{path},bees,train" for path in bee_files]
+    csv_path = tmp_path / "odd.csv"
+    csv_path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    result = run_extraction(settings_for(csv_path, tmp_path / "out"))
     store = FeatureStore(result.folder)
-    assert len(store) == 27
-    assert store.splits() == ["train", "val"]
-    assert store.class_names == ["blue", "green", "red"]
-
-
-def test_store_tap_dimensions(colour_store):
-    store = FeatureStore(colour_store[2].folder)
-    assert store.taps == {"blocks.2": 40, "pre_logits": 1280}
-    X, y = store.load("train", "pre_logits")
-    assert X.shape == (18, 1280)
-    assert y.shape == (18,)
-
-
-def test_store_shards_are_bounded(colour_store):
-    store = FeatureStore(colour_store[2].folder)
-    counts = [entry["count"] for entry in store.manifest["shards"]]
-    assert counts == [8, 8, 8, 3]
-
-
-def test_store_labels_follow_paths(colour_store):
-    store = FeatureStore(colour_store[2].folder)
-    _, y = store.load("val", "pre_logits")
-    names = [path.split("/")[1] for path in store.paths("val")]
-    assert [store.class_names[label] for label in y] == names
-
-
-def test_store_records_provenance(colour_store):
-    store = FeatureStore(colour_store[2].folder)
-    provenance = store.provenance
-    assert provenance["backbone"] == "efficientnet_lite0"
-    assert provenance["preprocessing"]["crop_size"] == 224
-    assert len(provenance["weights_sha256"]) == 64
-    assert provenance["taps"] == ["blocks.2", "pre_logits"]
-    assert store.manifest["versions"]["torch"] == torch.__version__
-
-
-def test_store_readable_with_plain_h5py(colour_store):
-    store = FeatureStore(colour_store[2].folder)
-    with h5py.File(store.shard_paths()[0], "r") as handle:
-        features = handle["features"]["pre_logits"][:]
-        paths = handle["path"].asstr()[:]
-    assert features.shape == (8, 1280)
-    assert np.array_equal(features, store.features("pre_logits")[:8])
-    assert list(paths) == store.paths("train")[:8]
-
-
-def test_features_match_direct_forward(colour_store, lite0):
-    """The stored pre-logits equal the classifier input of a plain forward pass."""
-    from pipeline.images import build_transform, load_image
-
-    root, _, result = colour_store
-    store = FeatureStore(result.folder)
-    first_path = store.paths("train")[0]
-    batch = build_transform(lite0.preprocessing)(load_image(root / first_path))[None]
-    with torch.inference_mode():
-        expected = lite0.model.forward_head(lite0.model.forward_features(batch), pre_logits=True)[0].numpy()
-    assert np.allclose(store.features("pre_logits")[0], expected, atol=1e-5)
-
-
-def test_second_run_is_cache_hit(colour_store):
-    root, output, first = colour_store
-    again = run_extraction(small_settings(root, output))
-    assert again.cache_hit
-    assert again.folder == first.folder
-    assert again.extracted == 0
-
-
-def test_changed_tap_makes_new_store(colour_store):
-    root, output, first = colour_store
-    other = run_extraction(small_settings(root, output, taps=("pre_logits",)))
-    assert not other.cache_hit
-    assert other.folder != first.folder
-
-
-def test_extraction_leaves_backbone_unchanged(tmp_path, colour_folder):
-    """BatchNorm running statistics and every weight are identical after an extraction."""
-    from pipeline.backbones import build_backbone
-    from pipeline.datasets import load_dataset
-    from stages import extract
-
-    backbone = build_backbone("efficientnet_lite0")
-    before = copy.deepcopy(backbone.model.state_dict())
-    settings = small_settings(colour_folder, tmp_path / "features")
-    writer_folder = tmp_path / "features" / "manual"
-    from pipeline.store import StoreWriter
-
-    writer = StoreWriter.create_or_resume(writer_folder, {"key": "manual", "shard_size": 8}, {})
-    extract._extract_pending(settings, load_dataset(settings.dataset), backbone, writer)
-
-    after = backbone.model.state_dict()
-    assert not backbone.model.training
-    assert all(not parameter.requires_grad for parameter in backbone.model.parameters())
-    for key, tensor in before.items():
-        assert torch.equal(tensor, after[key]), key
+    paths = store.paths("train")
+    assert result.skipped == 0
+    assert str(ants / "imageNotFound.gif") in paths
+    assert str(ants / "ant photos.jpg") in paths
+    assert read_manifest(result.folder)["modes"]["P"] == 1
