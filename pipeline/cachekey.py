@@ -36,6 +36,8 @@ def key_fields(settings: ExtractSettings, dataset: Dataset, backbone: Backbone) 
         "pooling": settings.pooling,
         "dtype": settings.dtype,
         "augmentation": None,
+        "amp": settings.amp,
+        "draft": settings.draft,
     }
 
 

@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline.devices import AMP_DTYPES, default_workers
 from pipeline.settings import DEFAULT_BACKBONE, DatasetSettings, ExtractSettings, HeadSettings
 
 logger = logging.getLogger("featcache")
@@ -35,8 +36,10 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--taps", type=_comma_list, default=("pre_logits",), help="comma-separated layer names")
     parser.add_argument("--pooling", default="avg", help="pooling of feature-map taps: avg or max")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored feature type")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes (0: main process)")
+    parser.add_argument("--batch-size", type=int, default=0, help="images per forward pass (0: 32 on CPU, 128 on CUDA)")
+    parser.add_argument(
+        "--workers", type=int, default=default_workers(), help="data-loading worker processes (0: main process; default: cores - 1)"
+    )
     parser.add_argument("--shard-size", type=int, default=1024, help="samples per HDF5 shard")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of each class for val without split folders")
@@ -46,6 +49,10 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="store folder name (default: dataset-backbone-key)")
     parser.add_argument("--offline", action="store_true", help="never download weights")
     parser.add_argument("--force", action="store_true", help="rebuild the store even on a cache hit")
+    parser.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="mixed precision of the forward pass (fp16: CUDA only)")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format for backbone and batches")
+    parser.add_argument("--compile", action="store_true", help="compile the backbone with torch.compile")
+    parser.add_argument("--no-draft", dest="draft", action="store_false", help="decode JPEGs at full size (no draft mode)")
 
 
 def extract_settings_from(args: argparse.Namespace) -> ExtractSettings:
@@ -65,6 +72,10 @@ def extract_settings_from(args: argparse.Namespace) -> ExtractSettings:
         name=args.name,
         offline=args.offline,
         force=args.force,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        draft=args.draft,
     )
 
 

@@ -14,6 +14,7 @@ from torchvision.transforms import InterpolationMode
 
 from pipeline.backbones import Preprocessing
 from pipeline.datasets import Sample
+from pipeline.draft import apply_draft
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +38,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: Path) -> Image.Image:
-    """Decode the first frame of an image file as RGB, with its EXIF orientation applied."""
+def load_image(path: Path, draft_size: int | None = None) -> Image.Image:
+    """Decode the first frame of an image file as RGB, with its EXIF orientation applied.
+
+    With ``draft_size``, a large JPEG is decoded at a reduced size whose sides stay at least ``draft_size``.
+    """
     try:
         with Image.open(path) as image:
             image.seek(0)
+            if draft_size:
+                apply_draft(image, draft_size)
             image = ImageOps.exif_transpose(image)
             image.load()
             return to_rgb(image)
@@ -74,8 +80,9 @@ class LoadedItem:
 class ImageFileDataset(torch.utils.data.Dataset):
     """Map-style dataset over samples that never raises on a bad file: it returns the error."""
 
-    def __init__(self, root: Path, samples: list[Sample], transform, indices: list[int]) -> None:
+    def __init__(self, root: Path, samples: list[Sample], transform, indices: list[int], draft_size: int | None = None) -> None:
         self.root = root
+        self.draft_size = draft_size
         self.samples = samples
         self.transform = transform
         self.indices = indices
@@ -87,7 +94,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
         index = self.indices[position]
         path = self.root / self.samples[index].path
         try:
-            return LoadedItem(index, self.transform(load_image(path)), None)
+            return LoadedItem(index, self.transform(load_image(path, self.draft_size)), None)
         except UnreadableImageError as error:
             return LoadedItem(index, None, str(error.__cause__ or error))
 

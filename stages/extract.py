@@ -18,7 +18,9 @@ from tqdm.auto import tqdm
 
 from pipeline.backbones import Backbone, build_backbone, resolve_device
 from pipeline.cachekey import compute_key, key_fields
+from pipeline.background import BackgroundWriter
 from pipeline.datasets import Dataset, load_dataset
+from pipeline.devices import autocast_context, check_amp, default_batch_size, prepare_model, to_device
 from pipeline.images import ImageFileDataset, build_transform, collate_items
 from pipeline.settings import ExtractSettings, settings_to_dict
 from pipeline.store import ShardData, StoreWriter, read_manifest
@@ -123,11 +125,13 @@ def _extract_pending(
         return 0, {}
 
     device = resolve_device(settings.device)
-    backbone.model.to(device)
+    check_amp(settings.amp, device)
+    prepare_model(backbone.model, device, settings.channels_last, settings.compile)
     extractor = TapExtractor(backbone, settings.taps, settings.pooling)
+    draft_size = backbone.preprocessing.resize_size if settings.draft else None
     loader = torch.utils.data.DataLoader(
-        ImageFileDataset(dataset.root, dataset.samples, build_transform(backbone.preprocessing), pending),
-        batch_size=settings.batch_size,
+        ImageFileDataset(dataset.root, dataset.samples, build_transform(backbone.preprocessing), pending, draft_size),
+        batch_size=settings.batch_size or default_batch_size(device),
         num_workers=settings.workers,
         collate_fn=collate_items,
         pin_memory=device.type == "cuda",
@@ -144,11 +148,14 @@ def _extract_pending(
     tap_dims: dict[str, int] = {}
     extracted = 0
 
-    with tqdm(total=len(pending), unit="img", desc=f"extract {backbone.name}", dynamic_ncols=True) as progress:
+    # shards are written by a background thread, so HDF5 writes overlap with the next forward passes
+    progress = tqdm(total=len(pending), unit="img", desc=f"extract {backbone.name}", dynamic_ncols=True)
+    with BackgroundWriter() as background, progress:
         for images, indices, failures in loader:
             outputs: dict[str, np.ndarray] = {}
             if images is not None:
-                tapped = extractor(images.to(device, non_blocking=True))
+                with autocast_context(settings.amp, device):
+                    tapped = extractor(to_device(images, device, settings.channels_last))
                 outputs = {tap: value.float().cpu().numpy() for tap, value in tapped.items()}  # tap -> (B, D)
                 tap_dims = {tap: int(value.shape[1]) for tap, value in outputs.items()}
 
@@ -164,7 +171,7 @@ def _extract_pending(
                 shard = index // shard_size
                 remaining[shard] -= 1
                 if remaining[shard] == 0:
-                    _flush_shard(writer, dataset, shard, buffers.pop(shard), settings, tap_dims)
+                    background.submit(_flush_shard, writer, dataset, shard, buffers.pop(shard), settings, tap_dims)
             extracted += len(indices)
             progress.update(len(indices) + len(failures))
 
