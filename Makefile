@@ -12,9 +12,10 @@ BACKBONE ?= efficientnet_lite0
 TAPS ?= pre_logits
 HEADS ?= logreg,linear,mlp
 STORE ?=
+BACKBONES ?=
 EXTRA ?=
 
-.PHONY: install demo extract heads taps test test-fast clean
+.PHONY: install demo extract heads taps bench test test-fast clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,9 @@ heads: $(INSTALLED)
 
 taps: $(INSTALLED)
 	$(FEATCACHE) taps $(BACKBONE)
+
+bench: $(INSTALLED)
+	$(FEATCACHE) bench --data $(DATA) $(if $(BACKBONES),--backbones $(BACKBONES)) $(EXTRA)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest

@@ -26,7 +26,7 @@ class BackgroundWriter:
 
     Use it as a context manager. Leaving the block waits until every submitted job has run, so no
     finished shard is lost when the extraction loop raises. The first error of a job is raised
-    again in the caller on the next ``submit`` or on leaving the block, and the jobs after it are
+    again in the caller on the next ``submit`` or on leaving the block. The jobs after it are
     dropped, because a failed write (a full disk, say) would most likely fail again.
     """
 

@@ -131,6 +131,51 @@ def command_taps(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="digits", help="class-per-folder directory, or 'digits' (embedded)")
+    parser.add_argument(
+        "--backbones", type=_comma_list, default=(),
+        help="comma-separated backbone names; 'name@weights' picks other weights, such as 'resnet18@random' "
+        "(default: efficientnet_lite0 and four torchvision backbones)",
+    )
+    parser.add_argument("--taps", type=_comma_list, default=("pre_logits",), help="comma-separated taps of every backbone")
+    parser.add_argument("--heads", type=_comma_list, default=("logreg", "linear", "mlp"), help="comma-separated head names")
+    parser.add_argument("--include-random", action="store_true", help="also run every backbone with random weights")
+    parser.add_argument("--download", action="store_true", help="download missing weights instead of skipping the backbone")
+    parser.add_argument("--batch-size", type=int, default=0, help="images per forward pass (0: 32 on CPU, 128 on CUDA)")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="data-loading worker processes")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of each class for val without split folders")
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="share of each class for test without split folders")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the stratified split")
+    parser.add_argument("--features", default="data/features", help="folder of the feature stores")
+    parser.add_argument("--results", default="data/results", help="folder of the head results")
+    parser.add_argument("--output", default="data/bench", help="folder for the leaderboard files and timings")
+
+
+def command_bench(args: argparse.Namespace) -> int:
+    from stages.bench import DEFAULT_BENCH_BACKBONES, BenchSettings, run_bench
+    from stages.leaderboard import markdown_table
+
+    settings = BenchSettings(
+        dataset=DatasetSettings(args.data, args.val_fraction, args.test_fraction, args.split_seed),
+        backbones=args.backbones or DEFAULT_BENCH_BACKBONES,
+        taps=args.taps,
+        heads=args.heads,
+        include_random=args.include_random,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        offline=not args.download,
+        features_root=args.features,
+        results_root=args.results,
+        output=args.output,
+    )
+    rows = run_bench(settings)
+    print(markdown_table(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featcache", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -155,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     taps.add_argument("--depth", type=int, default=2, help="list layers up to this many dots deep")
     taps.add_argument("--offline", action="store_true")
     taps.set_defaults(handler=command_taps)
+
+    bench = commands.add_parser("bench", help="compare backbones: speed, cost and head accuracy in one leaderboard")
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=command_bench)
     return parser
 
 

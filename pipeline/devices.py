@@ -26,7 +26,7 @@ CPU_BATCH_SIZE = 32
 # images of 3x224x224 float32 take 77 MB, small next to any current GPU's memory.
 GPU_BATCH_SIZE = 128
 # Data-loading workers never exceed this many, because beyond it decoding is rarely the bottleneck
-# and every worker process holds its own copy of the dataset index and transform.
+# and every worker process keeps its own copy of the dataset index and transform.
 MAX_WORKERS = 8
 
 
