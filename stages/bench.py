@@ -21,11 +21,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.backbones import RANDOM_WEIGHTS, Backbone, WeightsNotAvailableError, build_backbone
+from pipeline.datasets import load_dataset
 from pipeline.devices import default_workers
 from pipeline.settings import DATA_ROOT, DatasetSettings, ExtractSettings, HeadSettings, SettingsError
 from pipeline.store import FeatureStore
 from pipeline.taps import TapExtractor
 from stages.extract import run_extraction
+from stages.heads import HEADS
 from stages.leaderboard import write_leaderboard
 from stages.train_heads import run_heads
 
@@ -68,6 +70,12 @@ class BenchSettings:
             raise SettingsError("backbones is empty: name at least one backbone, such as 'efficientnet_lite0'.")
         if not self.heads:
             raise SettingsError("heads is empty: name at least one head, such as 'logreg'.")
+        unknown = [name for name in self.heads if name not in HEADS]
+        if unknown:
+            raise SettingsError(f"heads={unknown} are not known: use some of {sorted(HEADS)}.")
+        for spec in self.backbones:
+            parse_backbone_spec(spec)
+        self.dataset.validate()
 
 
 def parse_backbone_spec(spec: str) -> tuple[str, str]:
@@ -217,6 +225,7 @@ def bench_one(name: str, weights: str, settings: BenchSettings, timings: dict[st
 def run_bench(settings: BenchSettings) -> list[dict[str, Any]]:
     """Run every backbone of the settings and write the leaderboard (Markdown, CSV, JSON and PNG)."""
     settings.validate()
+    load_dataset(settings.dataset)  # a missing or empty dataset fails here, before any backbone is built
     output = Path(settings.output)
     timings = load_timings(output)
     rows: list[dict[str, Any]] = []

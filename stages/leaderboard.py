@@ -60,6 +60,7 @@ def plot_accuracy_vs_speed(rows: list[dict[str, Any]], path: Path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     points = [row for row in rows if row["status"] == "ok" and row.get("images_per_second") and row.get("test_accuracy") is not None]
     if not points:
@@ -70,6 +71,8 @@ def plot_accuracy_vs_speed(rows: list[dict[str, Any]], path: Path) -> bool:
         axes.scatter(row["images_per_second"], row["test_accuracy"], marker=marker)
         axes.annotate(f"{row['backbone']}@{row['weights']}:{row['tap']}", (row["images_per_second"], row["test_accuracy"]), fontsize=7)
     axes.set_xscale("log")
+    axes.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes.margins(x=0.3, y=0.1)  # room for the point labels
     axes.set_xlabel("extraction images per second (log scale)")
     axes.set_ylabel(f"test accuracy of the best head ({points[0]['eval_split']} split)")
     axes.set_title("Accuracy against extraction speed (x: random weights)")

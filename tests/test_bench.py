@@ -48,7 +48,7 @@ def test_best_head_highest_val_first_on_tie():
 
 def test_gflops_of_resnet18_matches_published():
     backbone = build_backbone("resnet18", "random")
-    # torchvision lists 1.81 GFLOPS for resnet18 at 224x224, counting a multiply-add as one.
+    # ResNet18_Weights.IMAGENET1K_V1.meta["_ops"] in torchvision is 1.814 GFLOPS, counting a multiply-add as one.
     assert count_gflops(backbone, ["pre_logits"]) == pytest.approx(2 * 1.81, rel=0.02)
 
 
@@ -105,3 +105,30 @@ def test_bench_rows_files_and_reuse(colour_folder, in_tmp, tmp_path, monkeypatch
     assert again["efficientnet_lite0"]["heads_reused"]
     assert again["efficientnet_lite0"]["images_per_second"] == lite0["images_per_second"]
     assert again["efficientnet_lite0"]["test_accuracy"] == lite0["test_accuracy"]
+
+
+def test_unknown_head_rejected():
+    with pytest.raises(SettingsError, match="heads=\\['ridge'\\] are not known"):
+        BenchSettings(heads=("ridge",)).validate()
+
+
+def test_missing_dataset_fails_before_backbones(in_tmp):
+    settings = BenchSettings(dataset=DatasetSettings(str(in_tmp / "no-such-folder")), backbones=("efficientnet_lite0",))
+    with pytest.raises(SettingsError, match="no-such-folder"):
+        run_bench(settings)
+    assert not (in_tmp / "data" / "features").exists()
+
+
+def test_unknown_tap_becomes_skipped_row(colour_folder, in_tmp):
+    settings = BenchSettings(
+        dataset=DatasetSettings(str(colour_folder)),
+        backbones=("test_efficientnet@random",),
+        taps=("no_such_layer",),
+        heads=("logreg",),
+        workers=0,
+        device="cpu",
+    )
+    rows = run_bench(settings)
+    assert len(rows) == 1
+    assert rows[0]["status"] == "skipped"
+    assert "tap='no_such_layer' is not a layer" in rows[0]["reason"]
