@@ -1,11 +1,13 @@
 """Check stage one on a CUDA GPU: forward-only and pipeline images/s, and fp32 vs mixed-precision features.
 
-Meant to finish within 5 minutes on one GPU. It writes its own JPEG photos-like images into a
+Meant to finish within 5 minutes on one GPU. It writes its own photo-like JPEG images into a
 temporary folder, so it needs no dataset, and it exits with status 2 when no CUDA GPU is present.
-The CPU path and the tests never depend on it.
+The CPU path and the tests never depend on it. ``--device cpu`` runs the same steps on the CPU
+(fp32 and bf16 only), which checks the script itself on a machine without a GPU.
 
     python -m benchmarks.gpu_check                  # Lite0, fp32 / bf16 / fp16
     python -m benchmarks.gpu_check --compile        # also time torch.compile in the pipeline
+    python -m benchmarks.gpu_check --device cpu --backbone test_efficientnet --weights random --images 16 --steps 1
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from PIL import Image
 
 from benchmarks.common import Timer, add_common_arguments, configure_logging, describe_machine
 from pipeline.backbones import build_backbone
-from pipeline.devices import GPU_BATCH_SIZE, autocast_context, check_amp, prepare_model, to_device
+from pipeline.devices import autocast_context, check_amp, default_batch_size, prepare_model, to_device
 from pipeline.settings import DatasetSettings, ExtractSettings
 from pipeline.taps import TapExtractor
 from stages.extract import run_extraction
@@ -43,6 +45,12 @@ def write_images(folder: Path, count: int, size: tuple[int, int] = (500, 375)) -
     return folder
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued kernels, so that a timer measures them; a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def forward_rate(extractor: TapExtractor, batch: torch.Tensor, amp: str, channels_last: bool, steps: int) -> float:
     """Return images/s of the forward pass on one device-resident batch, repeated ``steps`` times."""
     device = batch.device
@@ -50,12 +58,12 @@ def forward_rate(extractor: TapExtractor, batch: torch.Tensor, amp: str, channel
     for _ in range(3):  # warm-up: cuDNN autotuning and allocator growth
         with autocast_context(amp, device):
             extractor(batch)
-    torch.cuda.synchronize()
+    synchronize(device)
     with Timer() as timer:
         for _ in range(steps):
             with autocast_context(amp, device):
                 extractor(batch)
-        torch.cuda.synchronize()
+        synchronize(device)
     return steps * len(batch) / timer.seconds
 
 
@@ -64,22 +72,25 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=1024, help="images written for the pipeline run")
     parser.add_argument("--steps", type=int, default=20, help="timed forward batches per precision")
     parser.add_argument("--compile", action="store_true", help="also run the pipeline with torch.compile")
+    parser.add_argument("--device", default="cuda", help="cuda or cuda:N; cpu only checks the script itself")
     add_common_arguments(parser)
     args = parser.parse_args()
     configure_logging(args.verbose)
 
-    if not torch.cuda.is_available():
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         print("No CUDA GPU is available: run this check on a machine with a CUDA GPU.", file=sys.stderr)
         return 2
-    device = torch.device("cuda")
-    print(f"machine: {describe_machine()}, GPU {torch.cuda.get_device_name(device)}")
+    accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else "none (CPU run)"
+    print(f"machine: {describe_machine()}, GPU {accelerator}")
 
     # forward only, per precision, channels-last on
     backbone = build_backbone(args.backbone, args.weights)
     prepare_model(backbone.model, device, channels_last=True, compile_model=False)
     extractor = TapExtractor(backbone, [TAP])
     size = backbone.preprocessing.crop_size
-    batch = torch.randn(GPU_BATCH_SIZE, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    batch_size = default_batch_size(device)
+    batch = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     precisions = [amp for amp in ("none", "bf16", "fp16") if _supported(amp, device)]
     reference = None
     for amp in precisions:
@@ -106,13 +117,13 @@ def main() -> int:
         for amp, compile_model in variants:
             settings = ExtractSettings(
                 dataset=DatasetSettings(str(folder)), backbone=args.backbone, weights=args.weights, taps=(TAP,),
-                device="cuda", amp=amp, channels_last=True, compile=compile_model,
+                device=args.device, amp=amp, channels_last=True, compile=compile_model,
                 output_root=str(Path(scratch) / "features"), force=True,
             )
             result = run_extraction(settings)
             print(
                 f"pipeline amp={amp:>4} compile={compile_model!s:5}: {result.extracted / result.loop_seconds:9.1f} images/s "
-                f"({result.extracted} images, {settings.workers} workers, batch {GPU_BATCH_SIZE})"
+                f"({result.extracted} images, {settings.workers} workers, batch {batch_size})"
             )
     return 0
 

@@ -90,3 +90,37 @@ def test_extraction_writes_every_shard(colour_folder, in_tmp):
     assert len(store.manifest["shards"]) == 7  # 27 images in shards of 4
     assert len(store) == 27
     assert store.features("pre_logits").shape[0] == 27
+
+
+def test_write_failure_keeps_earlier_shards(colour_folder, in_tmp, monkeypatch):
+    from pipeline.store import StoreWriter, read_manifest
+    from stages.extract import run_extraction
+
+    original = StoreWriter.write_shard
+
+    def fail_on_shard_one(self, shard, *args):
+        if shard == 1:
+            raise OSError("No space left on device")
+        return original(self, shard, *args)
+
+    monkeypatch.setattr(StoreWriter, "write_shard", fail_on_shard_one)
+    settings = ExtractSettings(
+        dataset=DatasetSettings(str(colour_folder)),
+        backbone="test_efficientnet",
+        weights="random",
+        shard_size=9,
+        batch_size=9,
+        workers=0,
+        name="partial",
+    )
+    with pytest.raises(OSError, match="No space left"):
+        run_extraction(settings)
+    manifest = read_manifest(in_tmp / "data" / "features" / "partial")
+    assert not manifest["complete"]
+    assert [entry["shard"] for entry in manifest["shards"]] == [0]
+
+    # the same command resumes once the disk has room again
+    monkeypatch.setattr(StoreWriter, "write_shard", original)
+    result = run_extraction(settings)
+    assert result.extracted == 18
+    assert len(FeatureStore(result.folder)) == 27
