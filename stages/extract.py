@@ -62,6 +62,8 @@ def store_folder(settings: ExtractSettings, dataset: Dataset, backbone: Backbone
 def run_extraction(settings: ExtractSettings) -> ExtractionResult:
     """Extract every tap of every image into a store, reusing a complete store with the same key."""
     settings.validate()
+    # an unusable device or precision fails here, before --force clears an existing store
+    check_amp(settings.amp, resolve_device(settings.device))
     started = time.perf_counter()
 
     dataset = load_dataset(settings.dataset)

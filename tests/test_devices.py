@@ -91,8 +91,9 @@ def test_cuda_without_gpu_exits_with_error(colour_folder, in_tmp, caplog):
 def _extract(folder, **options):
     from stages.extract import run_extraction
 
+    options = {"device": "cpu", **options}
     settings = ExtractSettings(
-        dataset=DatasetSettings(str(folder)), backbone="test_efficientnet", weights="random", workers=0, device="cpu", **options
+        dataset=DatasetSettings(str(folder)), backbone="test_efficientnet", weights="random", workers=0, **options
     )
     return run_extraction(settings)
 
@@ -132,3 +133,13 @@ def test_channels_last_features_match_default(colour_folder, in_tmp):
     plain = FeatureStore(_extract(colour_folder).folder).features("pre_logits")
     channels_last = FeatureStore(_extract(colour_folder, channels_last=True, force=True).folder).features("pre_logits")
     assert torch.allclose(torch.from_numpy(plain), torch.from_numpy(channels_last), atol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a CUDA GPU")
+def test_cuda_error_keeps_store_on_force(colour_folder, in_tmp):
+    from pipeline.store import FeatureStore
+
+    folder = _extract(colour_folder).folder
+    with pytest.raises(SettingsError, match="no CUDA GPU is available"):
+        _extract(colour_folder, device="cuda", force=True)
+    assert len(FeatureStore(folder)) == 27
