@@ -77,6 +77,7 @@ def test_load_image_draft_applies_exif_rotation(tmp_path):
     assert image.mode == "RGB"
 
 
+@pytest.mark.slow
 def test_draft_features_close_to_full_decode(tmp_path, lite0):
     from pipeline.taps import TapExtractor
 
