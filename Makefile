@@ -12,9 +12,10 @@ BACKBONE ?= efficientnet_lite0
 TAPS ?= pre_logits
 HEADS ?= logreg,linear,mlp
 STORE ?=
+BACKBONES ?=
 EXTRA ?=
 
-.PHONY: install demo extract heads taps inspect verify test test-fast clean
+.PHONY: install demo extract heads taps inspect verify bench test test-fast clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +41,9 @@ inspect: $(INSTALLED)
 
 verify: $(INSTALLED)
 	$(FEATCACHE) verify $(STORE)
+
+bench: $(INSTALLED)
+	$(FEATCACHE) bench --data $(DATA) $(if $(BACKBONES),--backbones $(BACKBONES)) $(EXTRA)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest

@@ -55,6 +55,8 @@ def key_fields(settings: ExtractSettings, dataset: Dataset, provenance: dict[str
         "dtype": settings.dtype,
         "max_image_pixels": settings.max_image_pixels,
         "augmentation": None,
+        "amp": settings.amp,
+        "draft": settings.draft,
     }
 
 

@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline.devices import AMP_DTYPES, default_workers
 from pipeline.settings import DEFAULT_BACKBONE, DEFAULT_MAX_IMAGE_PIXELS, DatasetSettings, ExtractSettings, HeadSettings
 
 logger = logging.getLogger("featcache")
@@ -35,8 +36,10 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--taps", type=_comma_list, default=("pre_logits",), help="comma-separated layer names")
     parser.add_argument("--pooling", default="avg", help="pooling of feature-map taps: avg or max")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored feature type")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes (0: main process)")
+    parser.add_argument("--batch-size", type=int, default=0, help="images per forward pass (0: 32 on CPU, 128 on CUDA)")
+    parser.add_argument(
+        "--workers", type=int, default=default_workers(), help="data-loading worker processes (0: main process; default: cores - 1)"
+    )
     parser.add_argument("--shard-size", type=int, default=1024, help="samples per HDF5 shard")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of each class for val without split folders")
@@ -55,6 +58,10 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
         "--content-hash", action="store_true",
         help="key the store by the bytes of every file instead of their sizes and modification times",
     )
+    parser.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="mixed precision of the forward pass (fp16: CUDA only)")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format for backbone and batches")
+    parser.add_argument("--compile", action="store_true", help="compile the backbone with torch.compile")
+    parser.add_argument("--no-draft", dest="draft", action="store_false", help="decode JPEGs at full size (no draft mode)")
 
 
 def extract_settings_from(args: argparse.Namespace) -> ExtractSettings:
@@ -76,6 +83,10 @@ def extract_settings_from(args: argparse.Namespace) -> ExtractSettings:
         force=args.force,
         compression=args.compression,
         max_image_pixels=args.max_image_pixels,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        draft=args.draft,
     )
 
 
@@ -151,6 +162,51 @@ def command_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="digits", help="class-per-folder directory, or 'digits' (embedded)")
+    parser.add_argument(
+        "--backbones", type=_comma_list, default=(),
+        help="comma-separated backbone names; 'name@weights' picks other weights, such as 'resnet18@random' "
+        "(default: efficientnet_lite0 and four torchvision backbones)",
+    )
+    parser.add_argument("--taps", type=_comma_list, default=("pre_logits",), help="comma-separated taps of every backbone")
+    parser.add_argument("--heads", type=_comma_list, default=("logreg", "linear", "mlp"), help="comma-separated head names")
+    parser.add_argument("--include-random", action="store_true", help="also run every backbone with random weights")
+    parser.add_argument("--download", action="store_true", help="download missing weights instead of skipping the backbone")
+    parser.add_argument("--batch-size", type=int, default=0, help="images per forward pass (0: 32 on CPU, 128 on CUDA)")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="data-loading worker processes")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of each class for val without split folders")
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="share of each class for test without split folders")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the stratified split")
+    parser.add_argument("--features", default="data/features", help="folder of the feature stores")
+    parser.add_argument("--results", default="data/results", help="folder of the head results")
+    parser.add_argument("--output", default="data/bench", help="folder for the leaderboard files and timings")
+
+
+def command_bench(args: argparse.Namespace) -> int:
+    from stages.bench import DEFAULT_BENCH_BACKBONES, BenchSettings, run_bench
+    from stages.leaderboard import markdown_table
+
+    settings = BenchSettings(
+        dataset=DatasetSettings(args.data, args.val_fraction, args.test_fraction, args.split_seed),
+        backbones=args.backbones or DEFAULT_BENCH_BACKBONES,
+        taps=args.taps,
+        heads=args.heads,
+        include_random=args.include_random,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        offline=not args.download,
+        features_root=args.features,
+        results_root=args.results,
+        output=args.output,
+    )
+    rows = run_bench(settings)
+    print(markdown_table(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featcache", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -183,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="check every shard of a store against its manifest (exit 1 on mismatch)")
     verify.add_argument("store", help="store folder")
     verify.set_defaults(handler=command_verify)
+
+    bench = commands.add_parser("bench", help="compare backbones: speed, cost and head accuracy in one leaderboard")
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=command_bench)
     return parser
 
 

@@ -18,6 +18,7 @@ from torchvision.transforms import InterpolationMode
 from pipeline.backbones import Preprocessing
 from pipeline.datasets import Sample
 from pipeline.settings import DEFAULT_MAX_IMAGE_PIXELS, MAX_ASPECT_RATIO
+from pipeline.draft import apply_draft
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +77,10 @@ def _pixel_limit_lifted():
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> DecodedImage:
+def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft_size: int | None = None) -> DecodedImage:
     """Decode the first frame of an image file as RGB, with its EXIF orientation applied.
+
+    With ``draft_size``, a large JPEG is decoded at a reduced size whose sides stay at least ``draft_size``.
 
     Raises UnreadableImageError, with the reason, for a corrupt file or one above ``max_pixels``.
     """
@@ -92,6 +95,8 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Deco
             image.seek(0)
             mode = image.mode
             orientation = int(image.getexif().get(EXIF_ORIENTATION, 1))
+            if draft_size:
+                apply_draft(image, draft_size)
             image = ImageOps.exif_transpose(image)
             image.load()
             return DecodedImage(to_rgb(image), mode, orientation)
@@ -101,9 +106,9 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Deco
         raise UnreadableImageError(f"{type(error).__name__}: {error}") from error
 
 
-def load_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def load_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft_size: int | None = None) -> Image.Image:
     """Decode the first frame of an image file as RGB, with its EXIF orientation applied."""
-    return decode_image(path, max_pixels).image
+    return decode_image(path, max_pixels, draft_size).image
 
 
 def pad_to_aspect_ratio(image: torch.Tensor) -> torch.Tensor:
@@ -163,9 +168,16 @@ class ImageFileDataset(torch.utils.data.Dataset):
     """Map-style dataset over samples that never raises on a bad file: it returns the error."""
 
     def __init__(
-        self, root: Path, samples: list[Sample], transform, indices: list[int], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+        self,
+        root: Path,
+        samples: list[Sample],
+        transform,
+        indices: list[int],
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        draft_size: int | None = None,
     ) -> None:
         self.root = root
+        self.draft_size = draft_size
         self.samples = samples
         self.transform = transform
         self.indices = indices
@@ -178,7 +190,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
         index = self.indices[position]
         path = self.root / self.samples[index].path
         try:
-            decoded = decode_image(path, self.max_pixels)
+            decoded = decode_image(path, self.max_pixels, self.draft_size)
         except UnreadableImageError as error:
             return LoadedItem(index, None, str(error))
         return LoadedItem(index, self.transform(decoded.image), None, decoded.mode, decoded.orientation)

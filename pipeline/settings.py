@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.devices import AMP_DTYPES, default_workers
+
 DATA_ROOT = Path("data")
 DEFAULT_BACKBONE = "efficientnet_lite0"
 DEFAULT_TAP = "pre_logits"
@@ -74,16 +76,25 @@ class ExtractSettings:
     dtype: str = "float32"
     # Samples per HDF5 shard; bounds the memory held before a shard is written.
     shard_size: int = 1024
-    # Images per forward pass.
-    batch_size: int = 32
-    # Data-loading worker processes; 0 decodes in the main process.
-    workers: int = 2
+    # Images per forward pass; 0 picks one for the device (pipeline.devices.default_batch_size).
+    batch_size: int = 0
+    # Data-loading worker processes; 0 decodes in the main process. The default is one fewer than
+    # the available cores (pipeline.devices.default_workers explains why).
+    workers: int = field(default_factory=default_workers)
     # "cpu", "cuda", "cuda:N" or "auto" (a GPU when there is one).
     device: str = "auto"
     # Folder that holds the feature stores.
     output_root: str = str(DATA_ROOT / "features")
     # Store folder name; by default derived from the dataset, backbone and cache key.
     name: str | None = None
+    # Mixed precision of the forward pass: "none" (float32), "bf16", or "fp16" (CUDA only); part of the cache key.
+    amp: str = "none"
+    # Run the backbone and its input batches in channels-last memory format (faster convolutions on GPUs).
+    channels_last: bool = False
+    # Compile the backbone with torch.compile; the first batch then includes the compile time.
+    compile: bool = False
+    # Decode JPEGs at a reduced size no smaller than the resize target (Pillow draft mode); part of the cache key.
+    draft: bool = True
     # Never reach the network for weights; missing weights are an error at once.
     offline: bool = False
     # Rebuild the store even when a complete one with the same key exists.
@@ -101,9 +112,12 @@ class ExtractSettings:
             raise SettingsError(f"taps={list(self.taps)} names a tap twice: list each tap once.")
         if self.dtype not in STORED_DTYPES:
             raise SettingsError(f"dtype={self.dtype!r} is invalid: use one of {list(STORED_DTYPES)}.")
-        for name in ("shard_size", "batch_size"):
-            if getattr(self, name) < 1:
-                raise SettingsError(f"{name}={getattr(self, name)} is invalid: use a positive integer.")
+        if self.shard_size < 1:
+            raise SettingsError(f"shard_size={self.shard_size} is invalid: use a positive integer.")
+        if self.batch_size < 0:
+            raise SettingsError(f"batch_size={self.batch_size} is invalid: use a positive integer, or 0 for the device default.")
+        if self.amp not in AMP_DTYPES:
+            raise SettingsError(f"amp={self.amp!r} is invalid: use one of {list(AMP_DTYPES)}.")
         if self.workers < 0:
             raise SettingsError(f"workers={self.workers} is invalid: use 0 or more.")
         if self.compression not in COMPRESSIONS:

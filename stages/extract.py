@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from pipeline.cachekey import compute_key, key_fields
+from pipeline.background import BackgroundWriter
 from pipeline.datasets import Dataset, load_dataset
+from pipeline.devices import autocast_context, check_amp, default_batch_size, prepare_model, to_device
 from pipeline.identity import cached_identity, remember_identity
 from pipeline.settings import ExtractSettings, settings_to_dict
 from pipeline.store import (
@@ -51,6 +53,8 @@ class ExtractionResult:
     extracted: int  # images pushed through the backbone in this call
     skipped: int  # files that could not be decoded, over the whole store
     seconds: float
+    # Seconds of the decode-forward-write loop alone, without dataset scan and backbone load.
+    loop_seconds: float = 0.0
 
 
 def library_versions() -> dict[str, str | None]:
@@ -180,6 +184,11 @@ def run_extraction(settings: ExtractSettings) -> ExtractionResult:
                 return ExtractionResult(folder, True, 0, len(existing.get("skipped", [])), time.perf_counter() - started)
         provenance = backbone.provenance()
 
+    # an unusable device or precision fails here, before any store folder is touched
+    from pipeline.backbones import resolve_device
+
+    check_amp(settings.amp, resolve_device(settings.device))
+
     # a complete store already in the folder stays in place until its replacement is complete
     target = folder
     if existing and existing.get("complete"):
@@ -189,7 +198,9 @@ def run_extraction(settings: ExtractSettings) -> ExtractionResult:
     header = _store_header(settings, dataset, key, fields, provenance)
     with store_write_errors(target):
         writer = StoreWriter.create_or_resume(target, header, settings_to_dict(settings), fresh=settings.force)
+    loop_started = time.perf_counter()
     extracted, tap_dims = _extract_pending(settings, dataset, backbone, writer)
+    loop_seconds = time.perf_counter() - loop_started
 
     _check_any_stored(writer, dataset)
     taps = tap_dims or writer.manifest.get("taps") or {}
@@ -206,7 +217,7 @@ def run_extraction(settings: ExtractSettings) -> ExtractionResult:
         "Extracted %d images (%d skipped) in %.1f s (%.1f images/s) into %s",
         extracted, skipped, seconds, extracted / max(seconds, 1e-9), folder,
     )
-    return ExtractionResult(folder, False, extracted, skipped, seconds)
+    return ExtractionResult(folder, False, extracted, skipped, seconds, loop_seconds)
 
 
 def shard_batches(shards: list[int], total: int, shard_size: int, batch_size: int) -> list[list[int]]:
@@ -238,20 +249,22 @@ def _extract_pending(
     total = len(dataset.samples)
     shard_count = (total + shard_size - 1) // shard_size
     shards = pending_shards(writer.manifest, total, shard_size)
-    batches = shard_batches(shards, total, shard_size, settings.batch_size)
+    device = resolve_device(settings.device)
+    batches = shard_batches(shards, total, shard_size, settings.batch_size or default_batch_size(device))
     pending_count = sum(len(batch) for batch in batches)
     if not pending_count:
         return 0, {}
 
-    device = resolve_device(settings.device)
-    backbone.model.to(device)
+    check_amp(settings.amp, device)
+    prepare_model(backbone.model, device, settings.channels_last, settings.compile)
     extractor = TapExtractor(backbone, settings.taps, settings.pooling)
     # The loader's workers start here, while no HDF5 file is open: shards are opened only inside
     # write_shard_file and closed before it returns, so no worker inherits a handle.
+    draft_size = backbone.preprocessing.resize_size if settings.draft else None
     loader = torch.utils.data.DataLoader(
         ImageFileDataset(
             dataset.root, dataset.samples, build_transform(backbone.preprocessing), list(range(total)),
-            settings.max_image_pixels,
+            settings.max_image_pixels, draft_size,
         ),
         batch_sampler=batches,
         num_workers=settings.workers,
@@ -270,11 +283,14 @@ def _extract_pending(
     tap_dims: dict[str, int] = {}
     extracted = 0
 
-    with tqdm(total=pending_count, unit="img", desc=f"extract {backbone.name}", dynamic_ncols=True) as progress:
+    # shards are written by a background thread, so HDF5 writes overlap with the next forward passes
+    progress = tqdm(total=pending_count, unit="img", desc=f"extract {backbone.name}", dynamic_ncols=True)
+    with BackgroundWriter() as background, progress:
         for batch in loader:
             outputs: dict[str, np.ndarray] = {}
             if batch.images is not None:
-                tapped = extractor(batch.images.to(device, non_blocking=True))
+                with autocast_context(settings.amp, device):
+                    tapped = extractor(to_device(batch.images, device, settings.channels_last))
                 outputs = {tap: value.float().cpu().numpy() for tap, value in tapped.items()}  # tap -> (B, D)
                 tap_dims = {tap: int(value.shape[1]) for tap, value in outputs.items()}
 
@@ -291,7 +307,7 @@ def _extract_pending(
                 shard = index // shard_size
                 remaining[shard] -= 1
                 if remaining[shard] == 0:
-                    _flush_shard(writer, dataset, shard, buffers.pop(shard), settings, tap_dims)
+                    background.submit(_flush_shard, writer, dataset, shard, buffers.pop(shard), settings, tap_dims)
             extracted += len(batch.indices)
             progress.update(len(batch.indices) + len(batch.failures))
 

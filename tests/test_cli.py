@@ -106,5 +106,5 @@ def test_invalid_dtype_rejected_by_parser(in_tmp, colour_folder):
 
 
 def test_invalid_batch_size_rejected(in_tmp, colour_folder, caplog):
-    assert main(["extract", "--data", str(colour_folder), "--offline", "--batch-size", "0"]) == 2
-    assert "batch_size=0" in caplog.text
+    assert main(["extract", "--data", str(colour_folder), "--offline", "--batch-size", "-1"]) == 2
+    assert "batch_size=-1" in caplog.text

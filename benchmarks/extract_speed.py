@@ -1,0 +1,135 @@
+"""Measure stage one against its limit, in one process and run, and print images per second and ratios.
+
+(a) forward only: the backbone's forward pass up to the tap, on tensors already decoded into memory.
+    This is the limit, because any extraction has to run these passes.
+(b) naive loop: what a user writes by hand, with torchvision ImageFolder, a DataLoader with its
+    default settings (0 workers unless --naive-workers), the full model under torch.no_grad, and
+    the features collected as numpy arrays.
+(c) featcache: ``run_extraction`` with its default settings, into a store in a temporary folder,
+    timed over its decode-forward-write loop (without the backbone load, as (a) and (b)).
+
+Targets on a 2-core CPU: (c) >= 0.9 x (a) and (c) >= 1.3 x (b).
+
+    python -m benchmarks.extract_speed --data hymenoptera --subset 64
+    python -m benchmarks.extract_speed --data cifar10 --subset 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision import datasets
+from torchvision import transforms as T
+
+from benchmarks.common import Timer, add_common_arguments, configure_logging, describe_machine, link_subset, resolve_dataset, select_samples
+from pipeline.backbones import Backbone, build_backbone
+from pipeline.devices import CPU_BATCH_SIZE
+from pipeline.images import build_transform, load_image
+from pipeline.settings import DatasetSettings, ExtractSettings
+from pipeline.taps import TapExtractor
+from stages.extract import run_extraction
+
+TAP = "pre_logits"
+
+
+def measure_forward_only(backbone: Backbone, folder: Path, samples, batch_size: int) -> float:
+    """Return images/s of the forward pass alone, on batches decoded and stacked beforehand."""
+    transform = build_transform(backbone.preprocessing)
+    images = torch.stack([transform(load_image(folder / sample.path)) for sample in samples])  # (N, 3, H, W)
+    extractor = TapExtractor(backbone, [TAP])
+    extractor(images[:batch_size])  # warm-up: the first call allocates and picks kernels
+    with Timer() as timer:
+        for start in range(0, len(images), batch_size):
+            extractor(images[start : start + batch_size])
+    return len(images) / timer.seconds
+
+
+def naive_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Return the pre-logits features the way a user would: timm's forward_head, else the full output."""
+    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+        return model.forward_head(model.forward_features(images), pre_logits=True)
+    return model(images)
+
+
+def measure_naive(backbone: Backbone, folder: Path, batch_size: int, workers: int) -> tuple[float, int]:
+    """Return (images/s, images) of the hand-written ImageFolder + DataLoader + model loop."""
+    preprocessing = backbone.preprocessing
+    transform = T.Compose(
+        [
+            T.Resize(preprocessing.resize_size, interpolation=T.InterpolationMode(preprocessing.interpolation)),
+            T.CenterCrop(preprocessing.crop_size),
+            T.ToTensor(),
+            T.Normalize(preprocessing.mean, preprocessing.std),
+        ]
+    )
+    split_folders = [folder / split for split in ("train", "val", "test") if (folder / split).is_dir()] or [folder]
+    features, count = [], 0
+    with Timer() as timer:
+        for split_folder in split_folders:
+            loader = torch.utils.data.DataLoader(
+                datasets.ImageFolder(split_folder, transform=transform), batch_size=batch_size, num_workers=workers
+            )
+            with torch.no_grad():
+                for images, _labels in loader:
+                    features.append(naive_features(backbone.model, images).numpy())
+                    count += len(images)
+        np.concatenate(features)
+    return count / timer.seconds, count
+
+
+def measure_featcache(folder: Path, output: Path, args: argparse.Namespace, draft: bool) -> tuple[float, ExtractSettings]:
+    """Return images/s of run_extraction's loop with the default workers and batch size."""
+    settings = ExtractSettings(
+        dataset=DatasetSettings(str(folder)),
+        backbone=args.backbone,
+        weights=args.weights,
+        taps=(TAP,),
+        device="cpu",
+        output_root=str(output),
+        draft=draft,
+        force=True,
+    )
+    result = run_extraction(settings)
+    return result.extracted / result.loop_seconds, settings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="hymenoptera", help="hymenoptera, cifar10, flowers5, or a class-per-folder path")
+    parser.add_argument("--subset", type=int, default=None, help="use this many images, spread over the dataset (default: all)")
+    parser.add_argument("--batch-size", type=int, default=CPU_BATCH_SIZE, help="batch size of (a) and (b)")
+    parser.add_argument("--naive-workers", type=int, default=0, help="DataLoader workers of the naive loop (its default is 0)")
+    parser.add_argument("--no-draft-too", action="store_true", help="also time (c) with draft mode off")
+    add_common_arguments(parser)
+    args = parser.parse_args()
+    configure_logging(args.verbose)
+
+    root = resolve_dataset(args.data)
+    samples = select_samples(root, args.subset)
+    print(f"machine: {describe_machine()}")
+    print(f"dataset: {root} ({len(samples)} images), backbone {args.backbone} ({args.weights} weights), tap {TAP}")
+
+    with tempfile.TemporaryDirectory(prefix="featcache-speed-") as scratch:
+        folder = link_subset(root, samples, Path(scratch) / root.name)
+        backbone = build_backbone(args.backbone, args.weights)
+
+        forward_rate = measure_forward_only(backbone, folder, samples, args.batch_size)
+        print(f"(a) forward only      {forward_rate:8.1f} images/s  (batch {args.batch_size}, tensors in memory)")
+        naive_rate, naive_count = measure_naive(backbone, folder, args.batch_size, args.naive_workers)
+        print(f"(b) naive loop        {naive_rate:8.1f} images/s  (batch {args.batch_size}, {args.naive_workers} workers, {naive_count} images)")
+        featcache_rate, settings = measure_featcache(folder, Path(scratch) / "features", args, draft=True)
+        print(f"(c) featcache extract {featcache_rate:8.1f} images/s  (batch {settings.batch_size or 'auto'}, {settings.workers} workers, draft on)")
+        if args.no_draft_too:
+            full_rate, _ = measure_featcache(folder, Path(scratch) / "features-full", args, draft=False)
+            print(f"    featcache, no draft {full_rate:6.1f} images/s")
+
+    print(f"c / a = {featcache_rate / forward_rate:.2f}  (target >= 0.90)")
+    print(f"c / b = {featcache_rate / naive_rate:.2f}  (target >= 1.30)")
+
+
+if __name__ == "__main__":
+    main()
