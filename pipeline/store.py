@@ -5,6 +5,8 @@ Layout of a store folder::
     manifest.json          key, provenance, class names, taps, and the list of complete shards
     settings.json          the resolved stage-one settings
     shards/shard-00000.h5  features/<tap> (n, D), label (n,), path (n,), split (n,), index (n,)
+    ranks/rank-00001.json  during a distributed run: the shards one rank has written (pipeline.rank_records)
+    store.h5               optional: one HDF5 virtual dataset view of all shards (pipeline.virtual)
 
 Shard ``k`` holds the samples whose dataset index lies in ``[k * shard_size, (k + 1) * shard_size)``
 (fewer when some failed to decode). Each shard is written under a temporary name, flushed,
@@ -146,6 +148,10 @@ class StoreWriter:
         self.manifest["skipped"] = [item for item in self.manifest["skipped"] if item.get("shard") != shard] + [
             {**item, "shard": shard} for item in skipped
         ]
+        self.save_manifest()
+
+    def save_manifest(self) -> None:
+        """Write the manifest after a shard; a rank of a distributed run writes its own rank record instead."""
         write_json_atomic(self.folder / MANIFEST, self.manifest)
 
     def finish(self, extra: dict[str, Any]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import h5py
@@ -19,7 +19,9 @@ from tqdm.auto import tqdm
 from pipeline.backbones import Backbone, build_backbone, resolve_device
 from pipeline.cachekey import compute_key, key_fields
 from pipeline.datasets import Dataset, load_dataset
+from pipeline.distributed import DistributedContext, start_distributed
 from pipeline.images import ImageFileDataset, build_transform, collate_items
+from pipeline.rank_records import finish_writer, open_writer
 from pipeline.settings import ExtractSettings, settings_to_dict
 from pipeline.store import ShardData, StoreWriter, read_manifest
 from pipeline.taps import TapExtractor
@@ -56,14 +58,27 @@ def store_folder(settings: ExtractSettings, dataset: Dataset, backbone: Backbone
 
 
 def run_extraction(settings: ExtractSettings) -> ExtractionResult:
-    """Extract every tap of every image into a store, reusing a complete store with the same key."""
+    """Extract every tap of every image into a store, reusing a complete store with the same key.
+
+    Under torchrun each rank writes the shards it owns, and rank 0 writes the manifest.
+    """
+    context = start_distributed(settings.device)
+    try:
+        return _run_extraction(settings, context)
+    finally:
+        context.close()
+
+
+def _run_extraction(settings: ExtractSettings, context: DistributedContext) -> ExtractionResult:
     settings.validate()
     started = time.perf_counter()
 
-    dataset = load_dataset(settings.dataset)
-    backbone = build_backbone(settings.backbone, settings.weights, settings.checkpoint, settings.offline)
+    with context.main_first():
+        dataset = load_dataset(settings.dataset)
+        backbone = build_backbone(settings.backbone, settings.weights, settings.checkpoint, settings.offline)
     fields = key_fields(settings, dataset, backbone)
     key = compute_key(fields)
+    context.check_same(key, "cache keys")
     folder = store_folder(settings, dataset, backbone, key)
 
     # cache hit: a complete store with the same key
@@ -72,7 +87,8 @@ def run_extraction(settings: ExtractSettings) -> ExtractionResult:
         seconds = time.perf_counter() - started
         logger.info("Cache hit: store %s is complete for key %s; the backbone was not run.", folder, key[:12])
         return ExtractionResult(folder, True, 0, len(existing.get("skipped", [])), seconds)
-    if settings.force and existing:
+    context.barrier()  # every rank has read the old manifest before rank 0 changes the store
+    if settings.force and existing and context.is_main:
         _clear_store(folder)
 
     header = {
@@ -88,11 +104,11 @@ def run_extraction(settings: ExtractSettings) -> ExtractionResult:
         "versions": library_versions(),
         "warnings": dataset.warnings,
     }
-    writer = StoreWriter.create_or_resume(folder, header, settings_to_dict(settings))
-    extracted, tap_dims = _extract_pending(settings, dataset, backbone, writer)
+    writer = open_writer(folder, header, settings_to_dict(settings), context)
+    extracted, tap_dims = _extract_pending(replace(settings, device=context.device), dataset, backbone, writer)
 
     taps = tap_dims or writer.manifest.get("taps") or {}
-    writer.finish({"taps": taps})
+    finish_writer(writer, {"taps": taps}, context)
     seconds = time.perf_counter() - started
     skipped = len(writer.manifest["skipped"])
     if skipped:
@@ -168,6 +184,7 @@ def _extract_pending(
             extracted += len(indices)
             progress.update(len(indices) + len(failures))
 
+    # NOTE: under torchrun this counts one rank's images, so it also fires when only that rank's shards all fail.
     if extracted == 0 and not writer.manifest["shards"]:
         raise RuntimeError(f"Every one of the {total} images of {dataset.root} failed to decode; see the warnings above.")
     return extracted, tap_dims
