@@ -31,8 +31,9 @@ logger = logging.getLogger(__name__)
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 # Barriers wait for the slowest rank, so this timeout must exceed the difference in extraction time
-# between ranks. Six hours covers an uneven resume of a large store, and a crashed rank does not
-# make the others wait this long because torchrun stops every rank when one fails.
+# between ranks. Six hours is an estimate that covers an uneven resume of a large store. A crashed
+# rank does not make the others wait this long, because torchrun stops the other ranks when one
+# fails (seen with torch 2.14 on one node).
 TIMEOUT_VARIABLE = "FEATCACHE_DISTRIBUTED_TIMEOUT_S"
 DEFAULT_TIMEOUT = timedelta(hours=6)
 
@@ -43,11 +44,11 @@ class DistributedContext:
 
     rank: int = 0
     world_size: int = 1
-    # Rank within this node; it picks the GPU, cuda:LOCAL_RANK.
+    # Rank within this node, which picks the GPU cuda:LOCAL_RANK.
     local_rank: int = 0
     # Device setting for this rank: the user's setting in one process, "cpu" or "cuda:LOCAL_RANK" under torchrun.
     device: str = "auto"
-    # "gloo" or "nccl" when a process group is joined; None in a single process.
+    # "gloo" or "nccl" when a process group is joined, and None in a single process.
     backend: str | None = None
     # True when start_distributed created the process group, so close() must destroy it.
     owns_group: bool = False
@@ -67,7 +68,7 @@ class DistributedContext:
         return list(range(self.rank, shard_count, self.world_size))
 
     def barrier(self) -> None:
-        """Wait until every rank reaches this call; return at once in a single process."""
+        """Wait until every rank reaches this call, or return at once in a single process."""
         if not self.is_distributed:
             return
         if self.backend == "nccl":
@@ -88,7 +89,7 @@ class DistributedContext:
         if self.is_main:
             self.barrier()
 
-    def check_same(self, value: str, what: str) -> None:
+    def check_same(self, value: str, description: str) -> None:
         """Raise when ``value`` differs between ranks, naming the ranks and their values."""
         if not self.is_distributed:
             return
@@ -97,7 +98,7 @@ class DistributedContext:
         if len(set(values)) > 1:
             listing = ", ".join(f"rank {rank}: {item}" for rank, item in enumerate(values))
             raise RuntimeError(
-                f"The ranks computed different {what} ({listing}). Every rank must see the same dataset files "
+                f"The ranks computed different {description} ({listing}). Every rank must see the same dataset files "
                 "and settings: on several nodes, put the dataset and the output folder on a shared file system "
                 "at the same path."
             )
@@ -170,7 +171,7 @@ def start_distributed(device: str) -> DistributedContext:
     local_rank = int(environment["LOCAL_RANK"])
     backend, rank_device = select_backend(device, local_rank)
 
-    # join the group; env:// reads MASTER_ADDR and MASTER_PORT, which torchrun's rendezvous set
+    # join the group through env://, which reads the MASTER_ADDR and MASTER_PORT that torchrun's rendezvous set
     owns_group = not dist.is_initialized()
     if owns_group:
         if backend == "nccl":
@@ -180,7 +181,7 @@ def start_distributed(device: str) -> DistributedContext:
         backend = dist.get_backend()
 
     logger.info(
-        "Rank %d of %d (local rank %d) joined the %s process group at %s:%s; extracting on %s",
+        "Rank %d of %d (local rank %d) joined the %s process group at %s:%s and extracts on %s",
         rank, world_size, local_rank, backend, environment["MASTER_ADDR"], environment["MASTER_PORT"], rank_device,
     )
     return DistributedContext(rank, world_size, local_rank, rank_device, backend, owns_group)

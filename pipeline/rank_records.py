@@ -77,7 +77,7 @@ def read_rank_records(folder: Path, key: str) -> list[dict[str, Any]]:
 
 
 def merge_rank_records(folder: Path, manifest: dict[str, Any], records: list[dict[str, Any]]) -> int:
-    """Add the shards, skipped files and taps of ``records`` to ``manifest``; return how many shards they add."""
+    """Add the shards, skipped files and taps of ``records`` to ``manifest``, and return the number of shards added."""
     shards = {entry["shard"]: entry for entry in manifest["shards"]}
     skipped = {item.get("shard"): [] for item in manifest["skipped"]}
     for item in manifest["skipped"]:
@@ -87,7 +87,7 @@ def merge_rank_records(folder: Path, manifest: dict[str, Any], records: list[dic
     for record in records:
         for entry in record["shards"]:
             if not (Path(folder) / entry["file"]).is_file():
-                logger.warning("Rank %d recorded shard %d, but %s is missing; it will be extracted again.", record["rank"], entry["shard"], entry["file"])
+                logger.warning("Rank %d recorded shard %d, but %s is missing, so the shard will be extracted again.", record["rank"], entry["shard"], entry["file"])
                 continue
             added += entry["shard"] not in shards
             shards[entry["shard"]] = entry
@@ -137,7 +137,7 @@ def open_writer(folder: Path, header: dict[str, Any], settings: dict[str, Any], 
 
 
 def finish_writer(writer: StoreWriter, extra: dict[str, Any], context: DistributedContext) -> None:
-    """Mark the store complete; under torchrun wait for every rank, and let rank 0 merge their records."""
+    """Mark the store complete. Under torchrun, wait for every rank and let rank 0 merge their records first."""
     if not context.is_distributed:
         writer.finish(extra)
         return

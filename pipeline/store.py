@@ -151,7 +151,7 @@ class StoreWriter:
         self.save_manifest()
 
     def save_manifest(self) -> None:
-        """Write the manifest after a shard; a rank of a distributed run writes its own rank record instead."""
+        """Write the manifest after a shard. A rank of a distributed run overrides this to write its rank record."""
         write_json_atomic(self.folder / MANIFEST, self.manifest)
 
     def finish(self, extra: dict[str, Any]) -> None:

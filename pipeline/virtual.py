@@ -1,6 +1,6 @@
 """One HDF5 file that views every shard of a store: ``store.h5``, made of virtual datasets.
 
-``store.h5`` holds ``features/<tap>`` (N, D), ``label``, ``path``, ``split`` and ``index`` (N,),
+``store.h5`` contains ``features/<tap>`` (N, D), ``label``, ``path``, ``split`` and ``index`` (N,),
 the shards concatenated in shard order, which is dataset order. It stores no features itself:
 each dataset maps row ranges onto the shard files, so plain h5py reads it like one file::
 
@@ -34,7 +34,7 @@ def write_virtual_view(folder: str | Path) -> Path:
     shards = [(entry["file"], int(entry["count"])) for entry in store.manifest["shards"] if entry["count"] > 0]
     total = sum(count for _, count in shards)
 
-    # read the dtype and width of every dataset from the first shard; every shard of a store shares them
+    # read the dtype and row shape of every dataset from the first shard, because all shards of a store share them
     shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
     if shards:
         with h5py.File(store.folder / shards[0][0], "r") as handle:

@@ -39,7 +39,7 @@ def no_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-def test_context_owns_every_world_size_th_shard():
+def test_context_owns_round_robin_shards():
     context = DistributedContext(rank=1, world_size=3)
 
     assert context.owned_shards(8) == [1, 4, 7]
