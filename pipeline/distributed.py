@@ -71,6 +71,7 @@ class DistributedContext:
         """Wait until every rank reaches this call, or return at once in a single process."""
         if not self.is_distributed:
             return
+        # NOTE: the nccl branch has not run on a GPU yet. Only the gloo branch is tested.
         if self.backend == "nccl":
             dist.barrier(device_ids=[self.local_rank])
         else:

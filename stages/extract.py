@@ -184,7 +184,6 @@ def _extract_pending(
             extracted += len(indices)
             progress.update(len(indices) + len(failures))
 
-    # NOTE: under torchrun this counts one rank's images, so it also fires when only that rank's shards all fail.
     if extracted == 0 and not writer.manifest["shards"]:
         raise RuntimeError(f"Every one of the {total} images of {dataset.root} failed to decode; see the warnings above.")
     return extracted, tap_dims

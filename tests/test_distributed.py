@@ -255,7 +255,9 @@ def recorded_shards(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's worker processes through /proc")
+@pytest.mark.skipif(
+    not Path(f"/proc/self/task/{os.getpid()}/children").exists(), reason="finds torchrun's worker processes through /proc"
+)
 def test_torchrun_resume_after_killed_rank(tmp_path):
     data = make_colour_images(tmp_path / "colours", 16)
     options = ["--backbone", "efficientnet_lite0", "--shard-size", "2", "--batch-size", "2"]
@@ -271,7 +273,9 @@ def test_torchrun_resume_after_killed_rank(tmp_path):
             assert launcher.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "rank 1 recorded no shard within 240 s"
             time.sleep(0.005)
-        os.kill(find_rank_process(launcher.pid, 1), signal.SIGKILL)
+        rank_process = find_rank_process(launcher.pid, 1)
+        assert rank_process is not None, "rank 1 has no process left to kill"
+        os.kill(rank_process, signal.SIGKILL)
         returncode = launcher.wait(timeout=120)
 
     assert returncode != 0
