@@ -125,6 +125,39 @@ def test_joined_group_is_reused_and_left_open(gloo_group_of_one):
     assert dist.is_initialized()
 
 
+def run_two_rank_checks(rank: int, port: int, folder: str) -> None:
+    """Join a two-rank gloo group as ``rank``, then record what main_first and check_same did in ``folder``."""
+    os.environ.update(
+        {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    )
+    context = start_distributed("cpu")
+    marker = Path(folder) / "rank-0-done"
+    try:
+        with context.main_first():
+            if rank == 0:
+                time.sleep(0.5)  # give rank 1 the chance to run first if main_first did not hold it back
+                marker.touch()
+            else:
+                (Path(folder) / "rank-1-saw-marker").write_text(str(marker.exists()))
+        try:
+            context.check_same(f"key-{rank}", "cache keys")
+        except RuntimeError as error:
+            (Path(folder) / f"rank-{rank}-error").write_text(str(error))
+    finally:
+        context.close()
+
+
+@pytest.mark.slow
+def test_two_ranks_main_first_and_key_check(tmp_path):
+    from conftest import free_loopback_port
+
+    torch.multiprocessing.spawn(run_two_rank_checks, args=(free_loopback_port(), str(tmp_path)), nprocs=2)
+
+    assert (tmp_path / "rank-1-saw-marker").read_text() == "True"
+    for rank in (0, 1):
+        assert "rank 0: key-0, rank 1: key-1" in (tmp_path / f"rank-{rank}-error").read_text()
+
+
 # torchrun against one process: real subprocesses on loopback, so these are slow
 
 
