@@ -105,10 +105,23 @@ def heads_settings_from(args: argparse.Namespace, store: str | None = None) -> H
 
 
 def command_extract(args: argparse.Namespace) -> int:
+    from pipeline.distributed import is_main_process
+    from pipeline.virtual import write_virtual_view
     from stages.extract import run_extraction
 
     result = run_extraction(extract_settings_from(args))
+    if not is_main_process():
+        return 0
+    if args.virtual_view:
+        write_virtual_view(result.folder)
     print(result.folder)
+    return 0
+
+
+def command_virtual(args: argparse.Namespace) -> int:
+    from pipeline.virtual import write_virtual_view
+
+    print(write_virtual_view(args.store))
     return 0
 
 
@@ -214,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     extract = commands.add_parser("extract", help="stage one: write the features of a dataset to a store")
     add_extract_arguments(extract)
+    extract.add_argument("--virtual-view", action="store_true", help="also write store.h5, one HDF5 view of all shards")
     extract.set_defaults(handler=command_extract)
 
     heads = commands.add_parser("heads", help="stage two: train heads on a store and print the results")
@@ -243,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="compare backbones: speed, cost and head accuracy in one leaderboard")
     add_bench_arguments(bench)
     bench.set_defaults(handler=command_bench)
+
+    virtual = commands.add_parser("virtual", help="write store.h5, one HDF5 virtual dataset view of a store's shards")
+    virtual.add_argument("store", help="folder of a complete store")
+    virtual.set_defaults(handler=command_virtual)
     return parser
 
 

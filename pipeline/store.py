@@ -7,6 +7,8 @@ Layout of a store folder::
     shards/shard-00000.h5  features/<tap> (n, D), label (n,), path (n,), split (n,), index (n,),
                            mode (n,), orientation (n,); attributes name the key, the shard, its
                            index range and the files it skipped
+    ranks/rank-00001.json  during a distributed run: the shards one rank has written (pipeline.rank_records)
+    store.h5               optional: one HDF5 virtual dataset view of all shards (pipeline.virtual)
 
 Shard ``k`` holds the samples whose dataset index lies in ``[k * shard_size, (k + 1) * shard_size)``
 (fewer when some failed to decode). Each shard is written under a temporary name, flushed,
@@ -225,6 +227,10 @@ class StoreWriter:
             self.folder, shard, data, skipped, self.manifest["key"], int(self.manifest["shard_size"]), dtype, compression
         )
         add_shard_entry(self.manifest, entry, skipped)
+        self.save_manifest()
+
+    def save_manifest(self) -> None:
+        """Write the manifest after a shard. A rank of a distributed run overrides this to write its rank record."""
         write_json_atomic(self.folder / MANIFEST, self.manifest)
 
     def finish(self, extra: dict[str, Any]) -> None:

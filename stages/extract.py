@@ -12,7 +12,7 @@ import os
 import platform
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -23,13 +23,14 @@ from pipeline.cachekey import compute_key, key_fields
 from pipeline.background import BackgroundWriter
 from pipeline.datasets import Dataset, load_dataset
 from pipeline.devices import autocast_context, check_amp, default_batch_size, prepare_model, to_device
+from pipeline.distributed import DistributedContext, start_distributed
 from pipeline.identity import cached_identity, remember_identity
+from pipeline.rank_records import finish_writer, open_writer
 from pipeline.settings import ExtractSettings, settings_to_dict
 from pipeline.store import (
     ShardData,
     StoreError,
     StoreWriter,
-    pending_shards,
     read_manifest,
     rebuild_folder,
     recover_replaced_store,
@@ -151,18 +152,32 @@ def _check_any_stored(writer: StoreWriter, dataset: Dataset) -> None:
 
 
 def run_extraction(settings: ExtractSettings) -> ExtractionResult:
-    """Extract every tap of every image into a store, reusing a complete store with the same key."""
+    """Extract every tap of every image into a store, reusing a complete store with the same key.
+
+    Under torchrun each rank writes the shards it owns, and rank 0 writes the manifest.
+    """
+    context = start_distributed(settings.device)
+    try:
+        return _run_extraction(settings, context)
+    finally:
+        context.close()
+
+
+def _run_extraction(settings: ExtractSettings, context: DistributedContext) -> ExtractionResult:
     settings.validate()
     started = time.perf_counter()
-    dataset = load_dataset(settings.dataset)
 
-    # key: from the cached backbone identity when there is one, so a cache hit builds nothing
+    # key: from the cached backbone identity when there is one, so a cache hit builds nothing.
+    # Under torchrun every rank builds the backbone, so that all ranks pass the same barriers.
     backbone = None
-    provenance = cached_identity(settings)
-    if provenance is None:
-        backbone = _build_backbone(settings)
-        provenance = backbone.provenance()
+    with context.main_first():
+        dataset = load_dataset(settings.dataset)
+        provenance = None if context.is_distributed else cached_identity(settings)
+        if provenance is None:
+            backbone = _build_backbone(settings)
+            provenance = backbone.provenance()
     fields, key, folder, existing = _locate_store(settings, dataset, provenance)
+    context.check_same(key, "cache keys")
 
     # cache hit: a complete store with the same key
     if _is_cache_hit(existing, key, settings):
@@ -189,6 +204,8 @@ def run_extraction(settings: ExtractSettings) -> ExtractionResult:
 
     check_amp(settings.amp, resolve_device(settings.device))
 
+    context.barrier()  # every rank has read the old manifest before rank 0 changes the store
+
     # a complete store already in the folder stays in place until its replacement is complete
     target = folder
     if existing and existing.get("complete"):
@@ -197,17 +214,22 @@ def run_extraction(settings: ExtractSettings) -> ExtractionResult:
 
     header = _store_header(settings, dataset, key, fields, provenance)
     with store_write_errors(target):
-        writer = StoreWriter.create_or_resume(target, header, settings_to_dict(settings), fresh=settings.force)
+        writer = open_writer(target, header, settings_to_dict(settings), context, fresh=settings.force)
     loop_started = time.perf_counter()
-    extracted, tap_dims = _extract_pending(settings, dataset, backbone, writer)
+    extracted, tap_dims = _extract_pending(replace(settings, device=context.device), dataset, backbone, writer)
     loop_seconds = time.perf_counter() - loop_started
 
-    _check_any_stored(writer, dataset)
+    # a rank sees only its own shards until the records are merged, so ranks check after the merge
+    if not context.is_distributed:
+        _check_any_stored(writer, dataset)
     taps = tap_dims or writer.manifest.get("taps") or {}
     with store_write_errors(target):
-        writer.finish({"taps": taps})
-        if target != folder:
+        finish_writer(writer, {"taps": taps}, context)
+        if target != folder and context.is_main:
             replace_store(target, folder)
+    context.barrier()  # every rank returns once the store is in its final folder
+    if context.is_distributed:
+        _check_any_stored(writer, dataset)
 
     seconds = time.perf_counter() - started
     skipped = len(writer.manifest["skipped"])
@@ -248,7 +270,9 @@ def _extract_pending(
     shard_size = int(writer.manifest["shard_size"])
     total = len(dataset.samples)
     shard_count = (total + shard_size - 1) // shard_size
-    shards = pending_shards(writer.manifest, total, shard_size)
+    # the writer's completed shards include, under torchrun, the shards other ranks own
+    done = writer.completed_shards()
+    shards = [shard for shard in range(shard_count) if shard not in done]
     device = resolve_device(settings.device)
     batches = shard_batches(shards, total, shard_size, settings.batch_size or default_batch_size(device))
     pending_count = sum(len(batch) for batch in batches)

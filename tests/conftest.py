@@ -53,3 +53,25 @@ def shared_datasets() -> Path:
     if not SHARED_DATASETS.is_dir():
         pytest.skip(f"real datasets not found at {SHARED_DATASETS}")
     return SHARED_DATASETS
+
+
+def free_loopback_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def gloo_group_of_one(monkeypatch: pytest.MonkeyPatch):
+    """This process as rank 0 of a one-rank gloo process group on loopback, as torchrun would start it."""
+    from pipeline.distributed import start_distributed
+
+    for name, value in {
+        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_loopback_port()),
+    }.items():
+        monkeypatch.setenv(name, value)
+    context = start_distributed("cpu")
+    yield context
+    context.close()
