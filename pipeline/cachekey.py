@@ -6,6 +6,7 @@ import hashlib
 import json
 from typing import Any
 
+from pipeline.augment import augmentation_key
 from pipeline.backbones import Backbone
 from pipeline.datasets import Dataset
 from pipeline.settings import ExtractSettings
@@ -35,7 +36,7 @@ def key_fields(settings: ExtractSettings, dataset: Dataset, backbone: Backbone) 
         "taps": list(settings.taps),
         "pooling": settings.pooling,
         "dtype": settings.dtype,
-        "augmentation": None,
+        "augmentation": augmentation_key(settings.views, settings.augment, settings.view_seed),
     }
 
 

@@ -33,7 +33,13 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default="default", help="'default', a torchvision weights member, or 'random'")
     parser.add_argument("--checkpoint", default=None, help="local state_dict file loaded into the backbone")
     parser.add_argument("--taps", type=_comma_list, default=("pre_logits",), help="comma-separated layer names")
-    parser.add_argument("--pooling", default="avg", help="pooling of feature-map taps: avg or max")
+    parser.add_argument(
+        "--pooling", default="avg", help="pooling of feature-map taps: avg, max, gem<p> (gem3), grid<k> (grid2) or flatten"
+    )
+    parser.add_argument("--max-flatten-dim", type=int, default=16384, help="largest feature 'flatten' may store, in values")
+    parser.add_argument("--views", type=int, default=0, help="augmented views per training image, besides view 0")
+    parser.add_argument("--augment", default="none", help="augmentation policy of the views: flip, light or standard")
+    parser.add_argument("--view-seed", type=int, default=0, help="seed of the augmented views")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored feature type")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes (0: main process)")
@@ -56,6 +62,10 @@ def extract_settings_from(args: argparse.Namespace) -> ExtractSettings:
         checkpoint=args.checkpoint,
         taps=args.taps,
         pooling=args.pooling,
+        max_flatten_dim=args.max_flatten_dim,
+        views=args.views,
+        augment=args.augment,
+        view_seed=args.view_seed,
         dtype=args.dtype,
         shard_size=args.shard_size,
         batch_size=args.batch_size,

@@ -16,10 +16,10 @@ import torch
 import torchvision
 from tqdm.auto import tqdm
 
+from pipeline.augment import DETERMINISTIC_VIEW, ViewDataset, collate_views, get_policy, view_rows
 from pipeline.backbones import Backbone, build_backbone, resolve_device
 from pipeline.cachekey import compute_key, key_fields
 from pipeline.datasets import Dataset, load_dataset
-from pipeline.images import ImageFileDataset, build_transform, collate_items
 from pipeline.settings import ExtractSettings, settings_to_dict
 from pipeline.store import ShardData, StoreWriter, read_manifest
 from pipeline.taps import TapExtractor
@@ -85,6 +85,7 @@ def run_extraction(settings: ExtractSettings) -> ExtractionResult:
         "split_source": dataset.split_source,
         "dataset_root": str(dataset.root),
         "provenance": {**backbone.provenance(), "taps": list(settings.taps), "pooling": settings.pooling},
+        "augmentation": fields["augmentation"],
         "versions": library_versions(),
         "warnings": dataset.warnings,
     }
@@ -113,7 +114,7 @@ def _clear_store(folder: Path) -> None:
 def _extract_pending(
     settings: ExtractSettings, dataset: Dataset, backbone: Backbone, writer: StoreWriter
 ) -> tuple[int, dict[str, int]]:
-    """Run the backbone over every sample of the shards the store still lacks, and write those shards."""
+    """Run the backbone over every (sample, view) row of the shards the store still lacks, and write those shards."""
     shard_size = int(writer.manifest["shard_size"])
     total = len(dataset.samples)
     shard_count = (total + shard_size - 1) // shard_size
@@ -121,52 +122,57 @@ def _extract_pending(
     pending = [index for index in range(total) if index // shard_size not in done]
     if not pending:
         return 0, {}
+    rows = view_rows(dataset.samples, pending, settings.views)
 
     device = resolve_device(settings.device)
     backbone.model.to(device)
-    extractor = TapExtractor(backbone, settings.taps, settings.pooling)
+    extractor = TapExtractor(backbone, settings.taps, settings.pooling, settings.max_flatten_dim)
+    policy = get_policy(settings.augment) if settings.views else None
     loader = torch.utils.data.DataLoader(
-        ImageFileDataset(dataset.root, dataset.samples, build_transform(backbone.preprocessing), pending),
+        ViewDataset(dataset.root, dataset.samples, backbone.preprocessing, rows, policy, settings.view_seed),
         batch_size=settings.batch_size,
         num_workers=settings.workers,
-        collate_fn=collate_items,
+        collate_fn=collate_views,
         pin_memory=device.type == "cuda",
     )
     logger.info(
-        "Extracting %d of %d images (%d of %d shards pending) with %s on %s",
-        len(pending), total, shard_count - len(done), shard_count, backbone.name, device,
+        "Extracting %d of %d images (%d rows with %d augmented views per training image; %d of %d shards pending) "
+        "with %s on %s",
+        len(pending), total, len(rows), settings.views, shard_count - len(done), shard_count, backbone.name, device,
     )
 
     buffers: dict[int, dict] = {}
     remaining = {shard: 0 for shard in range(shard_count)}
-    for index in pending:
+    for index, _ in rows:
         remaining[index // shard_size] += 1
     tap_dims: dict[str, int] = {}
     extracted = 0
 
-    with tqdm(total=len(pending), unit="img", desc=f"extract {backbone.name}", dynamic_ncols=True) as progress:
-        for images, indices, failures in loader:
+    with tqdm(total=len(rows), unit="view", desc=f"extract {backbone.name}", dynamic_ncols=True) as progress:
+        for images, good_rows, failures in loader:
             outputs: dict[str, np.ndarray] = {}
             if images is not None:
                 tapped = extractor(images.to(device, non_blocking=True))
                 outputs = {tap: value.float().cpu().numpy() for tap, value in tapped.items()}  # tap -> (B, D)
                 tap_dims = {tap: int(value.shape[1]) for tap, value in outputs.items()}
 
-            for position, index in enumerate(indices):
+            for position, (index, view) in enumerate(good_rows):
                 buffer = buffers.setdefault(index // shard_size, {"rows": [], "skipped": []})
-                buffer["rows"].append((index, {tap: value[position] for tap, value in outputs.items()}))
-            for index, reason in failures:
-                logger.warning("Skipping %s: %s", dataset.samples[index].path, reason)
+                buffer["rows"].append((index, view, {tap: value[position] for tap, value in outputs.items()}))
+            for index, view, reason in failures:
                 buffer = buffers.setdefault(index // shard_size, {"rows": [], "skipped": []})
-                buffer["skipped"].append({"path": dataset.samples[index].path, "reason": reason})
+                # every view of an unreadable file fails the same way: report the file once
+                if view == DETERMINISTIC_VIEW:
+                    logger.warning("Skipping %s: %s", dataset.samples[index].path, reason)
+                    buffer["skipped"].append({"path": dataset.samples[index].path, "reason": reason})
 
-            for index in indices + [index for index, _ in failures]:
+            for index, _ in good_rows + [(index, view) for index, view, _ in failures]:
                 shard = index // shard_size
                 remaining[shard] -= 1
                 if remaining[shard] == 0:
                     _flush_shard(writer, dataset, shard, buffers.pop(shard), settings, tap_dims)
-            extracted += len(indices)
-            progress.update(len(indices) + len(failures))
+            extracted += sum(1 for _, view in good_rows if view == DETERMINISTIC_VIEW)
+            progress.update(len(good_rows) + len(failures))
 
     if extracted == 0 and not writer.manifest["shards"]:
         raise RuntimeError(f"Every one of the {total} images of {dataset.root} failed to decode; see the warnings above.")
@@ -176,10 +182,10 @@ def _extract_pending(
 def _flush_shard(
     writer: StoreWriter, dataset: Dataset, shard: int, buffer: dict, settings: ExtractSettings, tap_dims: dict[str, int]
 ) -> None:
-    rows = sorted(buffer["rows"], key=lambda row: row[0])
-    indices = np.array([index for index, _ in rows], dtype=np.int64)
+    rows = sorted(buffer["rows"], key=lambda row: (row[0], row[1]))  # by (index, view)
+    indices = np.array([index for index, _, _ in rows], dtype=np.int64)
     features = {
-        tap: (np.stack([row[tap] for _, row in rows]) if rows else np.zeros((0, tap_dims.get(tap, 0)), np.float32))
+        tap: (np.stack([row[tap] for _, _, row in rows]) if rows else np.zeros((0, tap_dims.get(tap, 0)), np.float32))
         for tap in settings.taps
     }
     data = ShardData(
@@ -188,6 +194,7 @@ def _flush_shard(
         paths=[dataset.samples[index].path for index in indices],
         splits=[dataset.samples[index].split for index in indices],
         indices=indices,
+        views=np.array([view for _, view, _ in rows], dtype=np.int64),
     )
     if rows:
         writer.manifest["taps"] = {tap: int(values.shape[1]) for tap, values in features.items()}
