@@ -130,6 +130,14 @@ def command_taps(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_advise(args: argparse.Namespace) -> int:
+    from stages.advise import format_advice, run_advice
+
+    advice = run_advice(args.store, Path(args.results), args.sample, args.device, args.offline)
+    print(format_advice(advice))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featcache", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -154,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     taps.add_argument("--depth", type=int, default=2, help="list layers up to this many dots deep")
     taps.add_argument("--offline", action="store_true")
     taps.set_defaults(handler=command_taps)
+
+    advise = commands.add_parser("advise", help="recommend a transfer-learning strategy for a store, with reasons")
+    advise.add_argument("store", help="store folder")
+    advise.add_argument("--results", default="data/results", help="folder that contains the results of each store")
+    advise.add_argument("--sample", type=int, default=64, help="images on which the ImageNet classifier's confidence is measured")
+    advise.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    advise.add_argument("--offline", action="store_true", help="never download weights")
+    advise.set_defaults(handler=command_advise)
     return parser
 
 
