@@ -14,7 +14,7 @@ HEADS ?= logreg,linear,mlp
 STORE ?=
 EXTRA ?=
 
-.PHONY: install demo extract heads taps test test-fast clean
+.PHONY: install demo extract heads taps finetune advise test test-fast clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ heads: $(INSTALLED)
 
 taps: $(INSTALLED)
 	$(FEATCACHE) taps $(BACKBONE)
+
+finetune: $(INSTALLED)
+	$(FEATCACHE) finetune $(if $(STORE),--store $(STORE),--data $(DATA) --backbone $(BACKBONE)) $(EXTRA)
+
+advise: $(INSTALLED)
+	$(FEATCACHE) advise $(if $(STORE),$(STORE),$(error advise needs STORE=path/to/store)) $(EXTRA)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest

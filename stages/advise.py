@@ -7,7 +7,7 @@ The strategies cross dataset size with similarity to the pretraining data:
 - large and similar: fine-tune the top blocks;
 - large and different: fine-tune the whole network.
 
-``recommend`` holds the rules and is a pure function of an ``Evidence`` record, so the rules can be
+``recommend`` contains the rules and is a pure function of an ``Evidence`` record, so the rules can be
 tested on constructed evidence. ``gather_evidence`` measures that record for a feature store: the
 training images per class, how confidently the backbone's own ImageNet classifier recognizes a
 sample of the images (the similarity signal, see ``stages.similarity``), and the tap profile of
@@ -106,14 +106,14 @@ def _similarity_from_confidence(evidence: Evidence, reasons: list[str]) -> str |
     reasons.append(
         f"the backbone's ImageNet classifier has mean max-softmax {evidence.confidence:.2f} on "
         f"{evidence.confidence_images} images ({'at or above' if verdict == 'similar' else 'below'} "
-        f"{SIMILAR_CONFIDENCE}), so the images look {verdict} to ImageNet"
+        f"{SIMILAR_CONFIDENCE}), so the images look {'similar to' if verdict == 'similar' else 'different from'} ImageNet"
         + (f"; its most frequent predictions are {top}" if top else "")
     )
     return verdict
 
 
 def _similarity_from_taps(evidence: Evidence, reasons: list[str]) -> tuple[str | None, str | None]:
-    """Return (verdict, best earlier tap) from the tap profile, or (None, None) without one."""
+    """Return (verdict, best earlier tap) from the tap profile; the verdict is None without a clear winner."""
     if len(evidence.tap_scores) < 2:
         reasons.append(
             f"tap profile: not available, because {len(evidence.tap_scores)} of the store's taps have "
@@ -122,23 +122,29 @@ def _similarity_from_taps(evidence: Evidence, reasons: list[str]) -> tuple[str |
         return None, None
     *earlier, last = list(evidence.tap_scores)
     best_earlier = max(earlier, key=lambda tap: evidence.tap_scores[tap])
-    gain = evidence.tap_scores[best_earlier] - evidence.tap_scores[last]
-    if gain >= TAP_MARGIN:
+    best_score, last_score = evidence.tap_scores[best_earlier], evidence.tap_scores[last]
+    comparison = f"({best_score:.3f} vs {last_score:.3f} val accuracy)"
+    if best_score - last_score >= TAP_MARGIN:
         reasons.append(
-            f"the earlier tap {best_earlier} beats the last tap {last} on val by {gain:.3f} "
-            f"({evidence.tap_scores[best_earlier]:.3f} vs {evidence.tap_scores[last]:.3f}), so the last "
-            "features are too specific to the pretraining task"
+            f"the earlier tap {best_earlier} beats the last tap {last} by at least {TAP_MARGIN} {comparison}, "
+            "so the last features are too specific to the pretraining task"
         )
         return "different", best_earlier
+    if last_score - best_score >= TAP_MARGIN:
+        reasons.append(
+            f"the last tap {last} beats every earlier tap by at least {TAP_MARGIN}, the best being {best_earlier} "
+            f"{comparison}, so the last features transfer"
+        )
+        return "similar", best_earlier
     reasons.append(
-        f"the last tap {last} is within {TAP_MARGIN} of the best earlier tap {best_earlier} on val "
-        f"({evidence.tap_scores[last]:.3f} vs {evidence.tap_scores[best_earlier]:.3f}), so the last features transfer"
+        f"the best earlier tap {best_earlier} and the last tap {last} are within {TAP_MARGIN} of each other "
+        f"{comparison}, so the tap profile does not decide the similarity"
     )
-    return "similar", best_earlier
+    return None, best_earlier
 
 
 def recommend(evidence: Evidence) -> Advice:
-    """Pick a strategy from the evidence and say why and what to run next."""
+    """Pick a strategy from the evidence, with the reasons and the commands to run next."""
     reasons: list[str] = []
 
     # size: the median class decides, so one large class does not make a dataset large

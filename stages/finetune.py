@@ -3,9 +3,9 @@
 The backbone's classifier is replaced by a new linear layer for the dataset's classes, the last N
 blocks (or all layers, or a randomly initialized network) are unfrozen, and training runs with an
 augmentation policy and early stopping on val. Each run writes one row with the keys of the
-stage-two results (``tap`` is ``finetune:last-N``, ``finetune:all`` or ``finetune:scratch`` and
-``head`` is ``finetune``) to ``finetune.json`` next to the heads' ``results.json``, so that one
-leaderboard compares a frozen base plus head with fine-tuning.
+stage-two results to ``finetune.json`` next to the heads' ``results.json``. Its ``tap`` is
+``finetune:last-N``, ``finetune:all`` or ``finetune:scratch`` and its ``head`` is ``finetune``, so
+one leaderboard compares a frozen base plus head with fine-tuning.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ SMALL = {"a": 120, "b": 100, "c": 110}
 LARGE = {"a": 2000, "b": 1500, "c": 1800}
 HIGH = SIMILAR_CONFIDENCE + 0.3
 LOW = SIMILAR_CONFIDENCE - 0.2
-FLAT_PROFILE = {"blocks.3": 0.80, "blocks.5": 0.90, "pre_logits": 0.91}
+LATE_PROFILE = {"blocks.3": 0.80, "blocks.5": 0.86, "pre_logits": 0.91}
+TIED_PROFILE = {"blocks.3": 0.80, "blocks.5": 0.90, "pre_logits": 0.89}
 EARLY_PROFILE = {"blocks.3": 0.95, "blocks.5": 0.93, "pre_logits": 0.85}
 
 
@@ -36,9 +37,9 @@ def evidence(images_per_class, confidence=None, tap_scores=None, **extra) -> Evi
 @pytest.mark.parametrize(
     ("images", "confidence", "taps", "strategy"),
     [
-        (SMALL, HIGH, FLAT_PROFILE, Strategy.FROZEN_BASE),
+        (SMALL, HIGH, LATE_PROFILE, Strategy.FROZEN_BASE),
         (SMALL, LOW, EARLY_PROFILE, Strategy.CUT_EARLIER),
-        (LARGE, HIGH, FLAT_PROFILE, Strategy.FINETUNE_TOP),
+        (LARGE, HIGH, LATE_PROFILE, Strategy.FINETUNE_TOP),
         (LARGE, LOW, EARLY_PROFILE, Strategy.FINETUNE_ALL),
     ],
 )
@@ -47,14 +48,14 @@ def test_recommend_four_quadrants(images, confidence, taps, strategy):
 
 
 def test_recommend_small_similar_reports_size_and_similarity():
-    advice = recommend(evidence(SMALL, HIGH, FLAT_PROFILE))
+    advice = recommend(evidence(SMALL, HIGH, LATE_PROFILE))
     assert advice.size == "small"
     assert advice.similarity == "similar"
 
 
 def test_recommend_size_uses_median_class():
     skewed = {"a": 50_000, "b": 100, "c": 90}
-    assert recommend(evidence(skewed, HIGH, FLAT_PROFILE)).size == "small"
+    assert recommend(evidence(skewed, HIGH, LATE_PROFILE)).size == "small"
 
 
 def test_recommend_size_threshold_is_inclusive():
@@ -75,7 +76,7 @@ def test_recommend_earlier_tap_alone_means_different():
 
 
 def test_recommend_tap_profile_wins_conflict():
-    advice = recommend(evidence(SMALL, LOW, FLAT_PROFILE))
+    advice = recommend(evidence(SMALL, LOW, LATE_PROFILE))
     assert advice.similarity == "similar"
     assert advice.strategy is Strategy.FROZEN_BASE
     assert any("disagree" in reason for reason in advice.reasons)
@@ -83,6 +84,19 @@ def test_recommend_tap_profile_wins_conflict():
 
 def test_recommend_gain_below_margin_is_not_better():
     profile = {"blocks.5": 0.90 + TAP_MARGIN / 2, "pre_logits": 0.90}
+    assert recommend(evidence(SMALL, None, profile)).similarity == "unknown"
+
+
+def test_recommend_tied_profile_defers_to_confidence():
+    low = recommend(evidence(SMALL, LOW, TIED_PROFILE))
+    high = recommend(evidence(SMALL, HIGH, TIED_PROFILE))
+    assert low.strategy is Strategy.CUT_EARLIER
+    assert high.strategy is Strategy.FROZEN_BASE
+    assert any("does not decide" in reason for reason in low.reasons)
+
+
+def test_recommend_last_tap_margin_means_similar():
+    profile = {"blocks.5": 0.90, "pre_logits": 0.90 + TAP_MARGIN + 1e-9}
     assert recommend(evidence(SMALL, None, profile)).similarity == "similar"
 
 
@@ -124,7 +138,7 @@ def test_recommend_reasons_quote_measurements():
 
 
 def test_advice_to_dict_is_json_ready():
-    payload = recommend(evidence(SMALL, HIGH, FLAT_PROFILE)).to_dict()
+    payload = recommend(evidence(SMALL, HIGH, LATE_PROFILE)).to_dict()
     assert json.loads(json.dumps(payload))["strategy"] == "frozen-base"
 
 
