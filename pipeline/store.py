@@ -7,13 +7,14 @@ Layout of a store folder::
     shards/shard-00000.h5  features/<tap> (n, D), label (n,), path (n,), split (n,), index (n,), view (n,)
 
 Shard ``k`` holds the samples whose dataset index lies in ``[k * shard_size, (k + 1) * shard_size)``
-(fewer when some failed to decode), with every view of each sample as one row per (index, view). View 0 is
-the deterministic evaluation view; training samples of a store extracted with ``--views K`` also
-have augmented views 1..K. Stores written before views existed have no ``view`` column and read
-as view 0. Each shard is written under a temporary name, flushed,
+(fewer when some failed to decode). Each shard is written under a temporary name, flushed,
 fsynced and renamed into place; only then is it added to the manifest, which is itself replaced
 atomically. A reader therefore never sees a partial shard, and an interrupted run resumes from
 the shards the manifest lists.
+
+A shard contains every view of its samples, one row per (index, view). View 0 is the deterministic
+evaluation view, and training samples of a store extracted with ``--views K`` also have augmented
+views 1..K. Stores written before views existed have no ``view`` column and read as view 0.
 """
 
 from __future__ import annotations
