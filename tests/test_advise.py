@@ -158,3 +158,25 @@ def test_read_tap_scores_best_per_tap_in_depth_order(tmp_path):
 
 def test_read_tap_scores_missing_file(tmp_path):
     assert read_tap_scores(tmp_path / "results.json", ["pre_logits"]) == {}
+
+
+def test_cli_advise_missing_store(in_tmp, caplog):
+    from pipeline.cli import main
+
+    assert main(["advise", "data/features/missing"]) == 2
+    assert "No feature store at data/features/missing" in caplog.text
+
+
+@pytest.mark.slow
+def test_cli_advise_store_with_random_weights(in_tmp, colour_folder, capsys):
+    from pipeline.cli import main
+
+    assert main(["extract", "--data", str(colour_folder), "--backbone", "test_efficientnet", "--weights", "random",
+                 "--taps", "blocks.1,pre_logits", "--workers", "0", "--name", "colours"]) == 0
+    assert main(["heads", "--store", "data/features/colours", "--heads", "logreg"]) == 0
+    capsys.readouterr()
+    assert main(["advise", "data/features/colours", "--offline"]) == 0
+    output = capsys.readouterr().out
+    assert output.startswith("Strategy: ")
+    assert "random weights" in output
+    assert (in_tmp / "data" / "results" / "colours" / "advice.json").is_file()

@@ -154,3 +154,15 @@ def test_run_finetune_is_reproducible_for_a_seed(colour_folder, tmp_path):
     weights_a = torch.load(first["model_file"], weights_only=True)
     weights_b = torch.load(second["model_file"], weights_only=True)
     assert torch.equal(weights_a["fc.weight"], weights_b["fc.weight"])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [([], "finetune needs --store STORE"), (["--data", "digits", "--unfreeze", "top"], "unfreeze='top' is invalid"),
+     (["--store", "data/features/missing"], "No feature store at data/features/missing")],
+)
+def test_cli_finetune_rejects_bad_input(in_tmp, caplog, arguments, message):
+    from pipeline.cli import main
+
+    assert main(["finetune", *arguments]) == 2
+    assert message in caplog.text
