@@ -78,6 +78,7 @@ class Evidence:
     confidence_note: str = ""  # why the confidence is missing, when it is
     top_categories: list[tuple[str, int]] = field(default_factory=list)  # most frequent ImageNet predictions
     tap_scores: dict[str, float] = field(default_factory=dict)  # tap -> best val accuracy, shallow to deep
+    finetune_scores: dict[str, float] = field(default_factory=dict)  # finetune:last-N and such -> val accuracy
 
 
 @dataclass
@@ -168,6 +169,12 @@ def recommend(evidence: Evidence) -> Advice:
     if similarity == "unknown":
         reasons.append("no similarity signal was measured, so the advice assumes similar data (the cheapest strategy)")
 
+    # fine-tuning results already measured are reported, but the rules above decide
+    if evidence.finetune_scores and evidence.tap_scores:
+        best_head = max(evidence.tap_scores.values())
+        for label, score in evidence.finetune_scores.items():
+            reasons.append(f"{label} reached {score:.3f} val accuracy ({score - best_head:+.3f} against the best head)")
+
     if size == "small":
         strategy = Strategy.CUT_EARLIER if similarity == "different" else Strategy.FROZEN_BASE
     else:
@@ -219,6 +226,14 @@ def read_tap_scores(results_file: Path, taps_in_depth_order: list[str]) -> dict[
     return {tap: best[tap] for tap in taps_in_depth_order if tap in best}
 
 
+def read_finetune_scores(finetune_file: Path) -> dict[str, float]:
+    """Return the val accuracy of each fine-tuning run in a finetune.json file."""
+    if not finetune_file.is_file():
+        return {}
+    rows = json.loads(finetune_file.read_text()).get("results", [])
+    return {row["tap"]: float(row["val_accuracy"]) for row in rows if "tap" in row and "val_accuracy" in row}
+
+
 def format_advice(advice: Advice) -> str:
     """Render the advice as readable text for the terminal."""
     lines = [
@@ -237,6 +252,7 @@ def gather_evidence(
     offline: bool = False,
 ) -> Evidence:
     """Measure the evidence for a store: class sizes, classifier confidence and the tap profile."""
+    from stages.finetune import FINETUNE_FILE
     from stages.similarity import measure_confidence, tap_depth_order
 
     store = FeatureStore(store_folder)
@@ -265,6 +281,7 @@ def gather_evidence(
         confidence_note=confidence.get("note", ""),
         top_categories=[tuple(item) for item in confidence.get("top_categories", [])],
         tap_scores=tap_scores,
+        finetune_scores=read_finetune_scores(results_root / store.name / FINETUNE_FILE),
     )
 
 

@@ -13,6 +13,7 @@ from stages.advise import (
     Evidence,
     Strategy,
     format_advice,
+    read_finetune_scores,
     read_tap_scores,
     recommend,
 )
@@ -142,7 +143,7 @@ def test_advice_to_dict_is_json_ready():
     assert json.loads(json.dumps(payload))["strategy"] == "frozen-base"
 
 
-def test_read_tap_scores_best_per_tap_in_depth_order(tmp_path):
+def test_read_tap_scores_depth_order(tmp_path):
     rows = [
         {"tap": "pre_logits", "head": "logreg", "val_accuracy": 0.8},
         {"tap": "pre_logits", "head": "mlp", "val_accuracy": 0.9},
@@ -154,6 +155,19 @@ def test_read_tap_scores_best_per_tap_in_depth_order(tmp_path):
     scores = read_tap_scores(path, ["blocks.3", "blocks.5", "pre_logits"])
     assert list(scores) == ["blocks.3", "pre_logits"]
     assert scores["pre_logits"] == 0.9
+
+
+def test_recommend_reports_finetune_gain():
+    advice = recommend(evidence(SMALL, HIGH, LATE_PROFILE, finetune_scores={"finetune:last-1": 0.96}))
+    assert advice.strategy is Strategy.FROZEN_BASE
+    assert any("finetune:last-1 reached 0.960" in reason and "+0.050" in reason for reason in advice.reasons)
+
+
+def test_read_finetune_scores(tmp_path):
+    rows = [{"tap": "finetune:last-1", "head": "finetune", "val_accuracy": 0.9},
+            {"tap": "finetune:all", "head": "finetune", "val_accuracy": 0.95}]
+    (tmp_path / "finetune.json").write_text(json.dumps({"results": rows}))
+    assert read_finetune_scores(tmp_path / "finetune.json") == {"finetune:last-1": 0.9, "finetune:all": 0.95}
 
 
 def test_read_tap_scores_missing_file(tmp_path):
