@@ -8,10 +8,10 @@ The strategies cross dataset size with similarity to the pretraining data:
 - large and different: fine-tune the whole network.
 
 ``recommend`` contains the rules and is a pure function of an ``Evidence`` record, so the rules can be
-tested on constructed evidence. ``gather_evidence`` measures that record for a feature store: the
-training images per class, how confidently the backbone's own ImageNet classifier recognizes a
-sample of the images (the similarity signal, see ``stages.similarity``), and the tap profile of
-the stage-two results (whether an earlier tap beats the last one).
+tested on constructed evidence. ``gather_evidence`` measures that record for a feature store. It
+counts the training images per class and measures how confidently the backbone's own ImageNet
+classifier recognizes a sample of the images (the similarity signal, see ``stages.similarity``).
+It also reads the tap profile of the stage-two results: whether an earlier tap beats the last one.
 """
 
 from __future__ import annotations
