@@ -165,6 +165,9 @@ def stores(tiny_folder, tmp_path_factory) -> dict[str, FeatureStore]:
         "views_batch3": extract(
             tiny_folder, output, views=2, augment="standard", view_seed=5, name="batch3", batch_size=3
         ),
+        "views_worker": extract(
+            tiny_folder, output, views=2, augment="standard", view_seed=5, name="worker", batch_size=5, workers=1
+        ),
     }
 
 
@@ -206,6 +209,13 @@ def test_store_views_differ_from_view_zero(stores):
 def test_store_views_same_for_any_batch_size(stores):
     first = stores["views"].load("train", "blocks.1")[0]
     second = stores["views_batch3"].load("train", "blocks.1")[0]
+    assert np.allclose(first, second, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_store_views_same_with_worker_process(stores):
+    first = stores["views"].load("train", "blocks.1")[0]
+    second = stores["views_worker"].load("train", "blocks.1")[0]
     assert np.allclose(first, second, atol=1e-5)
 
 
