@@ -15,7 +15,7 @@ STORE ?=
 BACKBONES ?=
 EXTRA ?=
 
-.PHONY: install demo extract heads taps inspect verify bench test test-fast clean
+.PHONY: install demo extract heads taps inspect verify bench finetune advise test test-fast clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ verify: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(FEATCACHE) bench --data $(DATA) $(if $(BACKBONES),--backbones $(BACKBONES)) $(EXTRA)
+
+finetune: $(INSTALLED)
+	$(FEATCACHE) finetune $(if $(STORE),--store $(STORE),--data $(DATA) --backbone $(BACKBONE)) $(EXTRA)
+
+advise: $(INSTALLED)
+	$(FEATCACHE) advise $(if $(STORE),$(STORE),$(error advise needs STORE=path/to/store)) $(EXTRA)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest

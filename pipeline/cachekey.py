@@ -9,6 +9,7 @@ import hashlib
 import json
 from typing import Any
 
+from pipeline.policies import augmentation_key
 from pipeline.datasets import Dataset
 from pipeline.settings import MAX_ASPECT_RATIO, ExtractSettings
 from pipeline.store import file_sha256
@@ -54,7 +55,7 @@ def key_fields(settings: ExtractSettings, dataset: Dataset, provenance: dict[str
         "pooling": settings.pooling,
         "dtype": settings.dtype,
         "max_image_pixels": settings.max_image_pixels,
-        "augmentation": None,
+        "augmentation": augmentation_key(settings.views, settings.augment, settings.view_seed),
         "amp": settings.amp,
         "draft": settings.draft,
     }

@@ -34,7 +34,13 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default="default", help="'default', a torchvision weights member, or 'random'")
     parser.add_argument("--checkpoint", default=None, help="local state_dict file loaded into the backbone")
     parser.add_argument("--taps", type=_comma_list, default=("pre_logits",), help="comma-separated layer names")
-    parser.add_argument("--pooling", default="avg", help="pooling of feature-map taps: avg or max")
+    parser.add_argument(
+        "--pooling", default="avg", help="pooling of feature-map taps: avg, max, gem<p> (gem3), grid<k> (grid2) or flatten"
+    )
+    parser.add_argument("--max-flatten-dim", type=int, default=16384, help="largest feature 'flatten' may store, in values")
+    parser.add_argument("--views", type=int, default=0, help="augmented views per training image, besides view 0")
+    parser.add_argument("--augment", default="none", help="augmentation policy of the views: flip, light or standard")
+    parser.add_argument("--view-seed", type=int, default=0, help="seed of the augmented views")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored feature type")
     parser.add_argument("--batch-size", type=int, default=0, help="images per forward pass (0: 32 on CPU, 128 on CUDA)")
     parser.add_argument(
@@ -72,6 +78,10 @@ def extract_settings_from(args: argparse.Namespace) -> ExtractSettings:
         checkpoint=args.checkpoint,
         taps=args.taps,
         pooling=args.pooling,
+        max_flatten_dim=args.max_flatten_dim,
+        views=args.views,
+        augment=args.augment,
+        view_seed=args.view_seed,
         dtype=args.dtype,
         shard_size=args.shard_size,
         batch_size=args.batch_size,
@@ -220,6 +230,43 @@ def command_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_advise(args: argparse.Namespace) -> int:
+    from stages.advise import format_advice, run_advice
+
+    advice = run_advice(args.store, Path(args.results), args.sample, args.device, args.offline)
+    print(format_advice(advice))
+    return 0
+
+
+def command_finetune(args: argparse.Namespace) -> int:
+    from stages.finetune import FinetuneSettings, leaderboard_rows, run_finetune
+    from stages.train_heads import format_table
+
+    if args.store is None and args.data is None:
+        raise ValueError("finetune needs --store STORE (reuses its dataset, split and backbone) or --data FOLDER.")
+    settings = FinetuneSettings(
+        store=args.store,
+        dataset=DatasetSettings(args.data or "digits", args.val_fraction, args.test_fraction, args.split_seed),
+        backbone=args.backbone,
+        weights=args.weights,
+        unfreeze=args.unfreeze,
+        from_scratch=args.from_scratch,
+        augment=args.augment,
+        epochs=args.epochs,
+        patience=args.patience,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        seed=args.seed,
+        output_root=args.results,
+        offline=args.offline,
+    )
+    row = run_finetune(settings)
+    print(format_table(leaderboard_rows(Path(row["model_file"]).parents[1])))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featcache", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -261,6 +308,36 @@ def build_parser() -> argparse.ArgumentParser:
     virtual = commands.add_parser("virtual", help="write store.h5, one HDF5 virtual dataset view of a store's shards")
     virtual.add_argument("store", help="folder of a complete store")
     virtual.set_defaults(handler=command_virtual)
+
+    finetune = commands.add_parser("finetune", help="fine-tuning baseline on the same splits and metrics as the heads")
+    finetune.add_argument("--store", default=None, help="store whose dataset, split and backbone are reused")
+    finetune.add_argument("--data", default=None, help="class-per-folder directory or 'digits', when no store is given")
+    finetune.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone, when no store is given")
+    finetune.add_argument("--weights", default="default", help="weights, when no store is given")
+    finetune.add_argument("--val-fraction", type=float, default=0.2, help="share of each class for val without split folders")
+    finetune.add_argument("--test-fraction", type=float, default=0.2, help="share of each class for test without split folders")
+    finetune.add_argument("--split-seed", type=int, default=0, help="seed of the stratified split")
+    finetune.add_argument("--unfreeze", default="1", help="blocks to train, counted from the top (1, 2, ...), or 'all'")
+    finetune.add_argument("--from-scratch", action="store_true", help="start from random weights and train every layer")
+    finetune.add_argument("--augment", default="light", help="augmentation policy: none, flip, light or standard")
+    finetune.add_argument("--epochs", type=int, default=10, help="passes over the training images at most")
+    finetune.add_argument("--patience", type=int, default=3, help="epochs without a better val accuracy before stopping")
+    finetune.add_argument("--lr", type=float, default=1e-3, help="learning rate of the new classifier (unfrozen layers: 0.1x)")
+    finetune.add_argument("--batch-size", type=int, default=16, help="images per optimizer step")
+    finetune.add_argument("--workers", type=int, default=2, help="data-loading worker processes (0: main process)")
+    finetune.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    finetune.add_argument("--seed", type=int, default=0, help="seed of initialization, augmentation and batch order")
+    finetune.add_argument("--results", default="data/results", help="folder that contains the results of each store")
+    finetune.add_argument("--offline", action="store_true", help="never download weights")
+    finetune.set_defaults(handler=command_finetune)
+
+    advise = commands.add_parser("advise", help="recommend a transfer-learning strategy for a store, with reasons")
+    advise.add_argument("store", help="store folder")
+    advise.add_argument("--results", default="data/results", help="folder that contains the results of each store")
+    advise.add_argument("--sample", type=int, default=64, help="images on which the ImageNet classifier's confidence is measured")
+    advise.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    advise.add_argument("--offline", action="store_true", help="never download weights")
+    advise.set_defaults(handler=command_advise)
     return parser
 
 

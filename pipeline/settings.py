@@ -70,8 +70,16 @@ class ExtractSettings:
     checkpoint: str | None = None
     # Layer names whose outputs are stored; "pre_logits" is the input of the final classifier.
     taps: tuple[str, ...] = (DEFAULT_TAP,)
-    # How feature-map taps (N, C, H, W) are reduced to vectors.
+    # How feature-map taps (N, C, H, W) are reduced to vectors: avg, max, gem<p>, grid<k> or flatten.
     pooling: str = "avg"
+    # Largest feature that "flatten" pooling may write, in values per image.
+    max_flatten_dim: int = 16384
+    # Augmented views stored per training image, in addition to the deterministic view 0.
+    views: int = 0
+    # Augmentation policy of those views ("none" when views is 0); see pipeline.augment.POLICIES.
+    augment: str = "none"
+    # Seed of the views: one (seed, sample index, view) triple always gives the same view.
+    view_seed: int = 0
     # Floating-point type of the stored features.
     dtype: str = "float32"
     # Samples per HDF5 shard; bounds the memory held before a shard is written.
@@ -124,6 +132,24 @@ class ExtractSettings:
             raise SettingsError(f"compression={self.compression!r} is invalid: use one of {list(COMPRESSIONS)}.")
         if self.max_image_pixels < 1:
             raise SettingsError(f"max_image_pixels={self.max_image_pixels} is invalid: use a positive pixel count.")
+        self._validate_views()
+
+    def _validate_views(self) -> None:
+        # imported here because pooling and augment import SettingsError from this module
+        from pipeline.policies import POLICIES
+        from pipeline.pooling import parse_pooling
+
+        parse_pooling(self.pooling)
+        if self.max_flatten_dim < 1:
+            raise SettingsError(f"max_flatten_dim={self.max_flatten_dim} is invalid: use a positive integer.")
+        if self.views < 0:
+            raise SettingsError(f"views={self.views} is invalid: use 0 (no augmented views) or more.")
+        if self.augment != "none" and self.augment not in POLICIES:
+            raise SettingsError(f"augment={self.augment!r} is invalid: use one of {['none', *sorted(POLICIES)]}.")
+        if self.views > 0 and self.augment == "none":
+            raise SettingsError(f"views={self.views} needs an augmentation policy: pass --augment, such as --augment light.")
+        if self.views == 0 and self.augment != "none":
+            raise SettingsError(f"augment={self.augment!r} has no effect with views=0: pass --views K, such as --views 4.")
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ Layout of a store folder::
     manifest.json          key, provenance, class names, taps, and the list of complete shards
     settings.json          the resolved stage-one settings
     shards/shard-00000.h5  features/<tap> (n, D), label (n,), path (n,), split (n,), index (n,),
-                           mode (n,), orientation (n,); attributes name the key, the shard, its
-                           index range and the files it skipped
+                           view (n,), mode (n,), orientation (n,); attributes name the key, the
+                           shard, its index range and the files it skipped
     ranks/rank-00001.json  during a distributed run: the shards one rank has written (pipeline.rank_records)
     store.h5               optional: one HDF5 virtual dataset view of all shards (pipeline.virtual)
 
@@ -19,6 +19,10 @@ the shards the manifest lists.
 A ``--force`` rebuild, or a new key under a folder name that contains a complete store, writes into
 ``<folder>.rebuild`` and replaces the old store only once the new one is complete, so a failed
 rebuild leaves the earlier store intact.
+
+A shard contains every view of its samples, one row per (index, view). View 0 is the deterministic
+evaluation view, and training samples of a store extracted with ``--views K`` also have augmented
+views 1..K. Stores written before views existed have no ``view`` column and read as view 0.
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ class ShardData:
     paths: list[str]
     splits: list[str]
     indices: np.ndarray  # (n,) int64, dataset order
+    views: np.ndarray | None = None  # (n,) int64, the view of each row; None means view 0 only
     modes: list[str] = field(default_factory=list)  # Pillow mode of each file before conversion
     orientations: list[int] = field(default_factory=list)  # EXIF orientation applied, 1 when upright
 
@@ -143,6 +148,8 @@ def write_shard_file(
         handle.create_dataset("path", data=np.array(data.paths, dtype=object), dtype=STRING)
         handle.create_dataset("split", data=np.array(data.splits, dtype=object), dtype=STRING)
         handle.create_dataset("index", data=data.indices.astype(np.int64))
+        views = data.views if data.views is not None else np.zeros(len(data.indices), np.int64)
+        handle.create_dataset("view", data=views.astype(np.int64))
         handle.create_dataset("mode", data=np.array(data.modes, dtype=object), dtype=STRING)
         handle.create_dataset("orientation", data=np.array(data.orientations, dtype=np.int8))
         handle.attrs["format"] = FORMAT
@@ -325,11 +332,13 @@ class FeatureStore:
 
     def _read_columns(self) -> dict[str, np.ndarray]:
         if self._columns is None:
-            parts: dict[str, list[np.ndarray]] = {"label": [], "path": [], "split": [], "index": []}
+            parts: dict[str, list[np.ndarray]] = {"label": [], "path": [], "split": [], "index": [], "view": []}
             for path in self.shard_paths():
                 with h5py.File(path, "r") as handle:
                     parts["label"].append(handle["label"][:])
                     parts["index"].append(handle["index"][:])
+                    has_views = "view" in handle
+                    parts["view"].append(handle["view"][:] if has_views else np.zeros(len(handle["index"]), np.int64))
                     parts["path"].append(handle["path"].asstr()[:])
                     parts["split"].append(handle["split"].asstr()[:])
             self._columns = {name: np.concatenate(values) if values else np.array([]) for name, values in parts.items()}
@@ -358,10 +367,27 @@ class FeatureStore:
     def mask(self, split: str) -> np.ndarray:
         return self._read_columns()["split"] == split
 
-    def load(self, split: str, tap: str) -> tuple[np.ndarray, np.ndarray]:
-        """Return (features (n, D) float32, labels (n,)) of one split and tap."""
+    def load(self, split: str, tap: str, view: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Return (features (n, D) float32, labels (n,)) of one split and tap.
+
+        With ``view=None`` every view of the split is returned (train rows then include the
+        augmented views); ``view=0`` returns one deterministic row per sample.
+        """
         mask = self.mask(split)
+        if view is not None:
+            mask = mask & (self._read_columns()["view"] == view)
         return self.features(tap)[mask].astype(np.float32, copy=False), self._read_columns()["label"][mask]
+
+    def indices(self, split: str, view: int | None = None) -> np.ndarray:
+        """Return the dataset index of each row of a split, in the row order of ``load``."""
+        mask = self.mask(split)
+        if view is not None:
+            mask = mask & (self._read_columns()["view"] == view)
+        return self._read_columns()["index"][mask]
+
+    def views(self, split: str) -> np.ndarray:
+        """Return the view of each row of a split, in the row order of ``load(split, tap)``."""
+        return self._read_columns()["view"][self.mask(split)]
 
     def paths(self, split: str) -> list[str]:
         return self._read_columns()["path"][self.mask(split)].tolist()

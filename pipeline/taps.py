@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.backbones import PRE_LOGITS, Backbone
-from pipeline.pooling import pool
+from pipeline.pooling import DEFAULT_MAX_FLATTEN_DIM, parse_pooling, pool
 from pipeline.settings import SettingsError
 
 
@@ -24,10 +24,14 @@ class _StopForward(Exception):
 class TapExtractor:
     """Run a frozen backbone and return one pooled (N, D) feature tensor per tap."""
 
-    def __init__(self, backbone: Backbone, taps: Sequence[str], pooling: str = "avg") -> None:
+    def __init__(
+        self, backbone: Backbone, taps: Sequence[str], pooling: str = "avg", max_flatten_dim: int = DEFAULT_MAX_FLATTEN_DIM
+    ) -> None:
+        parse_pooling(pooling)
         self.backbone = backbone
         self.taps = list(taps)
         self.pooling = pooling
+        self.max_flatten_dim = max_flatten_dim
         self._modules = {tap: resolve_tap_module(backbone, tap) for tap in self.taps}
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -39,7 +43,7 @@ class TapExtractor:
                 value = inputs[0] if from_input else output
                 if isinstance(value, (tuple, list)):
                     value = value[0]
-                captured[tap] = pool(value, self.pooling)
+                captured[tap] = pool(value, self.pooling, self.max_flatten_dim)
                 if len(captured) == len(self.taps):
                     raise _StopForward
 

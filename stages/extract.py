@@ -135,6 +135,7 @@ def _store_header(
         "split_source": dataset.split_source,
         "dataset_root": str(dataset.root),
         "provenance": {**provenance, "taps": list(settings.taps), "pooling": settings.pooling},
+        "augmentation": fields["augmentation"],
         "versions": library_versions(),
         "warnings": dataset.warnings,
     }
@@ -242,29 +243,33 @@ def _run_extraction(settings: ExtractSettings, context: DistributedContext) -> E
     return ExtractionResult(folder, False, extracted, skipped, seconds, loop_seconds)
 
 
-def shard_batches(shards: list[int], total: int, shard_size: int, batch_size: int) -> list[list[int]]:
-    """Split the given shards into batches of dataset indices that never cross a shard boundary.
+def shard_batches(rows: list[tuple[int, int]], shard_size: int, batch_size: int) -> list[list[int]]:
+    """Split (index, view) rows into batches of row positions that never cross a shard boundary.
 
     A batch's contents then depend only on its shard, so a resumed run feeds the backbone exactly
     the batches an uninterrupted run does, and CPU features match bit for bit.
     """
-    batches = []
-    for shard in shards:
-        stop = min(total, (shard + 1) * shard_size)
-        for first in range(shard * shard_size, stop, batch_size):
-            batches.append(list(range(first, min(first + batch_size, stop))))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for position, (index, _) in enumerate(rows):
+        if current and (len(current) == batch_size or rows[current[0]][0] // shard_size != index // shard_size):
+            batches.append(current)
+            current = []
+        current.append(position)
+    if current:
+        batches.append(current)
     return batches
 
 
 def _extract_pending(
     settings: ExtractSettings, dataset: Dataset, backbone: "Backbone", writer: StoreWriter
 ) -> tuple[int, dict[str, int]]:
-    """Run the backbone over every sample of the shards the store still lacks, and write those shards."""
+    """Run the backbone over every (sample, view) row of the shards the store still lacks, and write those shards."""
     import torch
     from tqdm.auto import tqdm
 
+    from pipeline.augment import DETERMINISTIC_VIEW, ViewDataset, collate_views, get_policy, view_rows
     from pipeline.backbones import resolve_device
-    from pipeline.images import ImageFileDataset, build_transform, collate_items
     from pipeline.taps import TapExtractor
 
     shard_size = int(writer.manifest["shard_size"])
@@ -273,42 +278,46 @@ def _extract_pending(
     # the writer's completed shards include, under torchrun, the shards other ranks own
     done = writer.completed_shards()
     shards = [shard for shard in range(shard_count) if shard not in done]
-    device = resolve_device(settings.device)
-    batches = shard_batches(shards, total, shard_size, settings.batch_size or default_batch_size(device))
-    pending_count = sum(len(batch) for batch in batches)
+    pending = [index for shard in shards for index in range(shard * shard_size, min(total, (shard + 1) * shard_size))]
+    pending_count = len(pending)
     if not pending_count:
         return 0, {}
+    device = resolve_device(settings.device)
+    rows = view_rows(dataset.samples, pending, settings.views)  # (index, view) in that order
+    batches = shard_batches(rows, shard_size, settings.batch_size or default_batch_size(device))
 
     check_amp(settings.amp, device)
     prepare_model(backbone.model, device, settings.channels_last, settings.compile)
-    extractor = TapExtractor(backbone, settings.taps, settings.pooling)
+    extractor = TapExtractor(backbone, settings.taps, settings.pooling, settings.max_flatten_dim)
+    policy = get_policy(settings.augment) if settings.views else None
+    draft_size = backbone.preprocessing.resize_size if settings.draft else None
     # The loader's workers start here, while no HDF5 file is open: shards are opened only inside
     # write_shard_file and closed before it returns, so no worker inherits a handle.
-    draft_size = backbone.preprocessing.resize_size if settings.draft else None
     loader = torch.utils.data.DataLoader(
-        ImageFileDataset(
-            dataset.root, dataset.samples, build_transform(backbone.preprocessing), list(range(total)),
+        ViewDataset(
+            dataset.root, dataset.samples, backbone.preprocessing, rows, policy, settings.view_seed,
             settings.max_image_pixels, draft_size,
         ),
         batch_sampler=batches,
         num_workers=settings.workers,
-        collate_fn=collate_items,
+        collate_fn=collate_views,
         pin_memory=device.type == "cuda",
     )
     logger.info(
-        "Extracting %d of %d images (%d of %d shards pending) with %s on %s",
-        pending_count, total, len(shards), shard_count, backbone.name, device,
+        "Extracting %d of %d images (%d rows with %d augmented views per training image; %d of %d shards pending) "
+        "with %s on %s",
+        pending_count, total, len(rows), settings.views, len(shards), shard_count, backbone.name, device,
     )
 
     buffers: dict[int, dict] = {}
     remaining = {shard: 0 for shard in shards}
-    for batch in batches:
-        remaining[batch[0] // shard_size] += len(batch)
+    for index, _ in rows:
+        remaining[index // shard_size] += 1
     tap_dims: dict[str, int] = {}
     extracted = 0
 
     # shards are written by a background thread, so HDF5 writes overlap with the next forward passes
-    progress = tqdm(total=pending_count, unit="img", desc=f"extract {backbone.name}", dynamic_ncols=True)
+    progress = tqdm(total=len(rows), unit="view", desc=f"extract {backbone.name}", dynamic_ncols=True)
     with BackgroundWriter() as background, progress:
         for batch in loader:
             outputs: dict[str, np.ndarray] = {}
@@ -318,22 +327,24 @@ def _extract_pending(
                 outputs = {tap: value.float().cpu().numpy() for tap, value in tapped.items()}  # tap -> (B, D)
                 tap_dims = {tap: int(value.shape[1]) for tap, value in outputs.items()}
 
-            for position, index in enumerate(batch.indices):
+            for position, (index, view) in enumerate(batch.rows):
                 buffer = buffers.setdefault(index // shard_size, {"rows": [], "skipped": []})
                 row = {tap: value[position] for tap, value in outputs.items()}
-                buffer["rows"].append((index, row, batch.modes[position], batch.orientations[position]))
-            for index, reason in batch.failures:
-                logger.warning("Skipping %s: %s", dataset.samples[index].path, reason)
+                buffer["rows"].append((index, view, row, batch.modes[position], batch.orientations[position]))
+            for index, view, reason in batch.failures:
                 buffer = buffers.setdefault(index // shard_size, {"rows": [], "skipped": []})
-                buffer["skipped"].append({"path": dataset.samples[index].path, "reason": reason})
+                # every view of an unreadable file fails the same way: report the file once
+                if view == DETERMINISTIC_VIEW:
+                    logger.warning("Skipping %s: %s", dataset.samples[index].path, reason)
+                    buffer["skipped"].append({"path": dataset.samples[index].path, "reason": reason})
 
-            for index in batch.indices + [index for index, _ in batch.failures]:
+            for index, _ in batch.rows + [(index, view) for index, view, _ in batch.failures]:
                 shard = index // shard_size
                 remaining[shard] -= 1
                 if remaining[shard] == 0:
                     background.submit(_flush_shard, writer, dataset, shard, buffers.pop(shard), settings, tap_dims)
-            extracted += len(batch.indices)
-            progress.update(len(batch.indices) + len(batch.failures))
+            extracted += sum(1 for _, view in batch.rows if view == DETERMINISTIC_VIEW)
+            progress.update(len(batch.rows) + len(batch.failures))
 
     return extracted, tap_dims
 
@@ -341,12 +352,12 @@ def _extract_pending(
 def _flush_shard(
     writer: StoreWriter, dataset: Dataset, shard: int, buffer: dict, settings: ExtractSettings, tap_dims: dict[str, int]
 ) -> None:
-    rows = sorted(buffer["rows"], key=lambda row: row[0])
+    rows = sorted(buffer["rows"], key=lambda row: (row[0], row[1]))  # by (index, view)
     indices = np.array([row[0] for row in rows], dtype=np.int64)
     features = {}
     for tap in settings.taps:
         if rows:
-            features[tap] = np.stack([row[1][tap] for row in rows])  # (n, D)
+            features[tap] = np.stack([row[2][tap] for row in rows])  # (n, D)
         else:
             features[tap] = np.zeros((0, tap_dims.get(tap, 0)), np.float32)
     data = ShardData(
@@ -355,8 +366,9 @@ def _flush_shard(
         paths=[dataset.samples[index].path for index in indices],
         splits=[dataset.samples[index].split for index in indices],
         indices=indices,
-        modes=[row[2] for row in rows],
-        orientations=[row[3] for row in rows],
+        views=np.array([row[1] for row in rows], dtype=np.int64),
+        modes=[row[3] for row in rows],
+        orientations=[row[4] for row in rows],
     )
     if rows:
         writer.manifest["taps"] = {tap: int(values.shape[1]) for tap, values in features.items()}
