@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 DATA ?= digits
 BACKBONE ?= efficientnet_lite0
 TAPS ?= pre_logits
-HEADS ?= logreg,linear,mlp
+HEADS ?= logreg,linear,mlp,knn
 STORE ?=
 EXTRA ?=
 

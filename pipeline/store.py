@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
@@ -237,8 +237,45 @@ class FeatureStore:
         mask = self.mask(split)
         return self.features(tap)[mask].astype(np.float32, copy=False), self._read_columns()["label"][mask]
 
+    def load_labels(self, split: str) -> np.ndarray:
+        """Return the (n,) labels of one split without reading any features."""
+        return self._read_columns()["label"][self.mask(split)]
+
     def paths(self, split: str) -> list[str]:
         return self._read_columns()["path"][self.mask(split)].tolist()
+
+    def indices(self, split: str) -> np.ndarray:
+        """Return the dataset index of each sample of one split; several views of one image share it."""
+        return self._read_columns()["index"][self.mask(split)]
+
+    def feature_bytes(self, split: str, tap: str) -> int:
+        """Return the size in bytes of one split's features of one tap once loaded as float32."""
+        return int(self.mask(split).sum()) * self.taps[tap] * 4
+
+    def iter_shards(self, split: str, tap: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (features (n, D) float32, labels (n,)) of one split, one shard at a time, in shard order.
+
+        At most one shard's features of one tap are held at once; shards without the split are skipped.
+        """
+        for position in range(len(self.manifest["shards"])):
+            block = self.read_shard(position, split, tap)
+            if block is not None:
+                yield block
+
+    def read_shard(self, position: int, split: str, tap: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Return (features (n, D) float32, labels (n,)) of one split in the shard at ``position``, or None.
+
+        The shard's tap is read as one contiguous block and the split's rows are selected in memory.
+        """
+        if tap not in self.taps:
+            raise KeyError(f"Tap {tap!r} is not in store {self.name}: it holds {list(self.taps)}.")
+        with h5py.File(self.shard_paths()[position], "r") as handle:
+            rows = handle["split"].asstr()[:] == split
+            if not rows.any():
+                return None
+            features = handle["features"][tap][:]
+            labels = handle["label"][:]
+        return features[rows].astype(np.float32, copy=False), labels[rows]
 
     def __len__(self) -> int:
         return sum(entry["count"] for entry in self.manifest["shards"])
