@@ -154,7 +154,8 @@ class TorchHead(ClassifierMixin, BaseEstimator):
             return torch.softmax(logits, dim=1).cpu().numpy()
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        probabilities = self.predict_proba(X)
+        return self.classes_[np.argmax(probabilities, axis=1)]
 
 
 def standardization(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

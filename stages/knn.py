@@ -65,4 +65,5 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         return vote(self.targets_[neighbours], self.k, len(self.classes_))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        probabilities = self.predict_proba(X)
+        return self.classes_[np.argmax(probabilities, axis=1)]
