@@ -171,7 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.backbones import WeightsNotAvailableError
     from pipeline.settings import SettingsError
     from pipeline.store import StoreError
 
@@ -179,7 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     try:
         return args.handler(args)
-    except (SettingsError, WeightsNotAvailableError, StoreError, FileNotFoundError, ValueError) as error:
+    except (SettingsError, StoreError, FileNotFoundError, ValueError) as error:
+        logger.error("%s", error)
+        return 2
+    except RuntimeError as error:
+        # pipeline.backbones imports torch, so it is looked up only when a command has loaded it:
+        # a 'heads' rerun with nothing to train never imports torch.
+        backbones = sys.modules.get("pipeline.backbones")
+        if backbones is None or not isinstance(error, backbones.WeightsNotAvailableError):
+            raise
         logger.error("%s", error)
         return 2
 
