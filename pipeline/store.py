@@ -268,7 +268,7 @@ class FeatureStore:
         The shard's tap is read as one contiguous block and the split's rows are selected in memory.
         """
         if tap not in self.taps:
-            raise KeyError(f"Tap {tap!r} is not in store {self.name}: it holds {list(self.taps)}.")
+            raise KeyError(f"Tap {tap!r} is not in store {self.name}: its taps are {list(self.taps)}.")
         with h5py.File(self.shard_paths()[position], "r") as handle:
             rows = handle["split"].asstr()[:] == split
             if not rows.any():

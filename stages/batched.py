@@ -1,6 +1,6 @@
 """K linear heads (learning rate x weight decay x tap) trained together as one batched computation.
 
-Each head starts from the same initialization, sees the same batch order and takes the same AdamW
+Each head starts from the same initialization, gets the same batch order and takes the same AdamW
 steps as ``LinearHead`` trained alone with the same seed, so the results match up to floating-point
 rounding. The heads of one tap share the (B, D) input batch and keep their weights stacked in one
 (K_tap, D, C) tensor, so one einsum replaces K_tap matrix products and the Python loop runs once.

@@ -1,7 +1,7 @@
 """Train one result: sweep a head's search space, fit the selected setting per seed, and evaluate once.
 
 The evaluation split is test; without test it is val, which then also selected the setting, and
-each result says so in its notes.
+each result records this in its notes.
 """
 
 from __future__ import annotations

@@ -53,7 +53,8 @@ def log_loss(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> floa
     picked = np.array(
         [proba[row, column[label]] if label in column else 0.0 for row, label in enumerate(np.asarray(y_true).tolist())]
     )
-    return float(-np.mean(np.log(np.clip(picked, EPSILON, 1.0))))
+    # adding 0.0 turns the -0.0 of a perfect prediction into 0.0
+    return float(-np.mean(np.log(np.clip(picked, EPSILON, 1.0)))) + 0.0
 
 
 def bootstrap_interval(
@@ -61,7 +62,7 @@ def bootstrap_interval(
 ) -> dict[str, float]:
     """Return the mean accuracy over seeds and its 95% percentile interval, resampling the evaluated samples.
 
-    ``predictions`` holds one (n,) prediction vector per seed. Each resample draws n sample indices
+    ``predictions`` contains one (n,) prediction vector per seed. Each resample draws n sample indices
     with replacement and averages the accuracy of every seed on them, so the interval covers both
     the finite evaluation set and the spread over seeds.
     """

@@ -43,8 +43,8 @@ def train_units(store: FeatureStore, units: list, settings: HeadSettings) -> Ite
                 continue
             if data is None:
                 if sum(store.feature_bytes(split, tap) for split in store.splits()) > budget:
-                    logger.warning("%s holds tap %s in memory although it exceeds the memory budget: only linear and "
-                                   "mlp heads stream", unit.head, tap)
+                    logger.warning("%s loads tap %s into memory although its features exceed memory_budget_mb=%s: "
+                                   "only linear and mlp heads stream", unit.head, tap, settings.memory_budget_mb)
                 data = store_tap_data(store, tap)
             yield (unit, *evaluate_in_memory(unit.head, data, settings))
 
