@@ -86,6 +86,7 @@ def add_heads_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-budget-mb", type=float, default=2048.0, help="MiB per tap before linear/mlp heads stream")
     parser.add_argument("--cv-folds", type=int, default=3, help="cross-validation folds inside train when there is no val")
     parser.add_argument("--pixel-size", type=int, default=16, help="side in pixels of the pixels control's images")
+    parser.add_argument("--head-threads", type=int, default=1, help="torch CPU threads while heads train")
 
 
 def heads_settings_from(args: argparse.Namespace, store: str | None = None) -> HeadSettings:
@@ -102,6 +103,7 @@ def heads_settings_from(args: argparse.Namespace, store: str | None = None) -> H
         memory_budget_mb=args.memory_budget_mb,
         cv_folds=args.cv_folds,
         pixel_size=args.pixel_size,
+        threads=args.head_threads,
     )
 
 

@@ -125,6 +125,9 @@ class HeadSettings:
     cv_folds: int = 3
     # Side in pixels of the downscaled images of the pixels control.
     pixel_size: int = 16
+    # torch CPU threads while heads train. Heads are small matrix products, so one thread loses
+    # little, and it avoids the synchronization stalls of several threads on a busy CPU.
+    threads: int = 1
 
     def validate(self) -> None:
         if not self.heads:
@@ -144,6 +147,8 @@ class HeadSettings:
             raise SettingsError(f"cv_folds={self.cv_folds} is invalid: use 2 or more folds.")
         if self.pixel_size < 1:
             raise SettingsError(f"pixel_size={self.pixel_size} is invalid: use a positive side in pixels.")
+        if self.threads < 1:
+            raise SettingsError(f"threads={self.threads} is invalid: use 1 or more torch CPU threads.")
 
 
 def settings_to_dict(settings: Any) -> dict[str, Any]:

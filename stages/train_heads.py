@@ -100,10 +100,20 @@ def run_heads(settings: HeadSettings, features_root: Path = Path("data/features"
     logger.info("Store %s: %d results cached, %d to train", store.name, len(results), len(missing))
 
     if missing:
+        import torch
+        from threadpoolctl import threadpool_limits
+
         from stages.training import train_units
 
-        for unit, result, head in train_units(store, missing, settings):
-            results[unit] = index.record(keys[unit], {**result, "key": keys[unit]}, head)
+        # torch's thread pool and the BLAS and OpenMP pools of numpy and scikit-learn
+        threads = torch.get_num_threads()
+        torch.set_num_threads(settings.threads)
+        try:
+            with threadpool_limits(limits=settings.threads):
+                for unit, result, head in train_units(store, missing, settings):
+                    results[unit] = index.record(keys[unit], {**result, "key": keys[unit]}, head)
+        finally:
+            torch.set_num_threads(threads)
 
     # warnings, printed and saved with the reports
     ordered = [results[unit] for unit in units]
