@@ -97,7 +97,7 @@ def train_linear_grid(
                 group.weight.requires_grad_(True)
                 group.bias.requires_grad_(True)
                 logits = torch.einsum("bd,kdc->kbc", group.features[batch], group.weight) + group.bias[:, None, :]  # (K, B, C)
-                # one cross-entropy mean per head, summed: each head's gradient is its own loss's gradient
+                # summing the per-head mean cross-entropies gives each head the gradient of its own loss
                 loss = _summed_cross_entropy(logits, labels[batch], loss_weight)
                 grad_weight, grad_bias = torch.autograd.grad(loss, (group.weight, group.bias))
                 with torch.no_grad():

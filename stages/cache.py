@@ -113,7 +113,7 @@ def verify_head_file(path: Path, expected_sha256: str) -> None:
 def load_head(path: Path, expected_sha256: str) -> Any:
     """Load a saved head after checking its SHA-256, so that a changed file is never unpickled.
 
-    Torch head files are read with ``torch.load(..., weights_only=True)``; joblib files are pickles
+    Torch head files are read with ``torch.load(..., weights_only=True)``. joblib files are pickles
     and are loaded only after the hash matches.
     """
     path = Path(path)

@@ -20,9 +20,6 @@ from stages.selection import TapData
 
 logger = logging.getLogger(__name__)
 
-CONTROLS = ("majority", "pixels", "random")
-
-
 def store_tap_data(store: FeatureStore, tap: str) -> TapData:
     """Load one tap of a store into the splits that selection and evaluation use."""
     splits = store.splits()

@@ -1,6 +1,6 @@
 """Train one result: sweep a head's search space, fit the selected setting per seed, and evaluate once.
 
-The evaluation split is test; without test it is val, which then also selected the setting, and
+The evaluation split is test. Without test it is val, which then also selected the setting, and
 each result records this in its notes.
 """
 
@@ -26,7 +26,7 @@ DETERMINISTIC_HEADS = ("logreg", "knn", "majority")
 
 
 def fixed_params(head_name: str, settings: HeadSettings) -> dict[str, Any]:
-    """Return the head settings that selection does not sweep; they are part of each result's key."""
+    """Return the head settings that selection does not sweep. They are part of each result's key."""
     if head_name == "logreg":
         return {"class_weight": settings.class_weight}
     if head_name in ("linear", "mlp"):
@@ -71,7 +71,7 @@ def fit_seed(head_name: str, sweep: Sweep, data: TapData, settings: HeadSettings
 
 def evaluate_in_memory(head_name: str, data: TapData, settings: HeadSettings, sweep: Sweep | None = None,
                        control: str | None = None) -> tuple[dict[str, Any], Any]:
-    """Select, fit per seed and evaluate one head on in-memory features; return (result, head of the first seed)."""
+    """Select, fit per seed and evaluate one head on in-memory features. Return (result, head of the first seed)."""
     started = time.perf_counter()
     sweep = sweep or sweep_head(head_name, data, settings)
     eval_split, X_eval, y_eval, notes = evaluation_split(data)
@@ -130,18 +130,28 @@ def assemble(head_name: str, tap: str, control: str | None, sweep: Sweep, select
              started: float) -> tuple[dict[str, Any], Any]:
     """Fit the selected setting for every seed, evaluate each once, and build the result record."""
     best = sweep.best()
-    predictions, first = [], None
+    predictions, seed_metrics, first = [], [], None
     for offset in range(settings.seeds):
         if offset > 0 and head_name in DETERMINISTIC_HEADS:
             predictions.append(predictions[0])
+            seed_metrics.append(seed_metrics[0])
             continue
         head, refit_on, probabilities = fit_and_predict(settings.seed + offset)
         predictions.append(np.asarray(head.classes_)[np.argmax(probabilities, axis=1)])
+        seed_metrics.append(classification_metrics(y_eval, probabilities, np.asarray(head.classes_)))
         if first is None:
-            first = (head, refit_on, probabilities)
-    head, refit_on, probabilities = first
+            first = (head, refit_on)
+    head, refit_on = first
     if settings.seeds > 1 and head_name in DETERMINISTIC_HEADS:
         notes = notes + [f"{head_name} does not depend on the seed: its {settings.seeds} seeds repeat one fit"]
+
+    # scalar metrics are means over the seeds; per-class recall and the confusion matrix are the first seed's
+    metrics = dict(seed_metrics[0])
+    for name, value in seed_metrics[0].items():
+        if isinstance(value, float):
+            metrics[name] = float(np.mean([found[name] for found in seed_metrics]))
+    if settings.seeds > 1:
+        notes = notes + ["per-class recall and the confusion matrix are those of the first seed"]
 
     interval = bootstrap_interval(y_eval, predictions, seed=settings.seed)
     result = {
@@ -161,7 +171,7 @@ def assemble(head_name: str, tap: str, control: str | None, sweep: Sweep, select
         "ci_high": interval["ci_high"],
         "seeds": settings.seeds,
         "seed_accuracies": interval["seed_accuracies"],
-        "metrics": classification_metrics(y_eval, probabilities, np.asarray(head.classes_)),
+        "metrics": metrics,
         "notes": notes,
         "seconds": time.perf_counter() - started,
     }

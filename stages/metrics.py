@@ -48,7 +48,7 @@ def top_k_accuracy(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray, k
 
 
 def log_loss(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> float:
-    """Return the mean negative log-likelihood; a class the head never saw has probability EPSILON."""
+    """Return the mean negative log-likelihood. A class the head never saw gets probability EPSILON."""
     column = {label: position for position, label in enumerate(np.asarray(classes).tolist())}
     picked = np.array(
         [proba[row, column[label]] if label in column else 0.0 for row, label in enumerate(np.asarray(y_true).tolist())]

@@ -63,7 +63,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 
 def write_reports(results: list[dict[str, Any]], warnings: list[str], folder: Path, header: dict[str, Any]) -> bool:
-    """Write the leaderboards, results.json, warnings and plots into ``folder``; return False when they were current.
+    """Write the leaderboards, results.json, warnings and plots into ``folder``. Return False when they were current.
 
     The reports are rewritten only when the set of results or the warnings changed, so a rerun with
     nothing to train does not pay for matplotlib.

@@ -7,7 +7,6 @@ fold. Test plays no part here: the caller evaluates it once, for the selected se
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -75,10 +74,6 @@ def parameter_grid(space: dict[str, list]) -> list[dict[str, Any]]:
 
     names = sorted(space)
     return [dict(zip(names, values)) for values in itertools.product(*(space[name] for name in names))]
-
-
-def setting_label(setting: dict[str, Any]) -> str:
-    return json.dumps(setting, sort_keys=True)
 
 
 def selection_split_name(data: TapData, cv_folds: int) -> str:

@@ -39,7 +39,7 @@ class Unit:
     streamed: bool
 
     def description(self, settings: HeadSettings, selection: str) -> dict[str, Any]:
-        """Return every setting that changes this unit's result; its hash with the store key is the result key."""
+        """Return every setting that changes this unit's result. Its hash with the store key is the result key."""
         from stages.evaluation import fixed_params
 
         return {
@@ -83,7 +83,7 @@ def run_heads(settings: HeadSettings, features_root: Path = Path("data/features"
     taps = list(settings.taps) or list(store.taps)
     missing_taps = [tap for tap in taps if tap not in store.taps]
     if missing_taps:
-        raise SettingsError(f"taps={missing_taps} are not in store {store.name}: it holds {list(store.taps)}.")
+        raise SettingsError(f"taps={missing_taps} are not in store {store.name}: its taps are {list(store.taps)}.")
 
     # look up each unit's result by key
     output = Path(settings.output_root) / store.name

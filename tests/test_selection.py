@@ -84,6 +84,7 @@ def test_final_logreg_refits_on_train_and_val():
     assert head.pipeline_[0].n_samples_seen_ == 90
 
 
+@pytest.mark.slow
 def test_torch_refit_without_val_epochs():
     from stages.evaluation import sweep_head
     from pipeline.settings import HeadSettings
