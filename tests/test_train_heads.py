@@ -143,19 +143,21 @@ def test_tiny_memory_budget_streams_linear_head(store_folder, tmp_path):
     assert abs(streamed["accuracy"] - in_memory["accuracy"]) <= 0.1
 
 
+# the Python usage shown in the README, run verbatim
 PYTHON_USAGE = """
-from pipeline.store import FeatureStore
+from pipeline.store import FeatureStore, latest_store
 from stages.heads import LogisticRegressionHead
 from stages.metrics import classification_metrics
 
-store = FeatureStore("STORE")
-X_train, y_train = store.load("train", "late")
-X_test, y_test = store.load("test", "late")
+store = FeatureStore(latest_store("data/features"))
+X_train, y_train = store.load("train", "pre_logits")
+X_test, y_test = store.load("test", "pre_logits")
 head = LogisticRegressionHead(C=1.0).fit(X_train, y_train)
 print(classification_metrics(y_test, head.predict_proba(X_test), head.classes_)["accuracy"])
 """
 
 
-def test_python_usage_snippet_runs(store_folder, capsys):
-    exec(PYTHON_USAGE.replace("STORE", str(store_folder)), {})
+def test_python_usage_snippet_runs(in_tmp, capsys):
+    write_store(in_tmp / "data" / "features" / "synthetic", taps={"pre_logits": 12})
+    exec(PYTHON_USAGE, {})
     assert float(capsys.readouterr().out) > 0.9
