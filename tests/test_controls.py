@@ -66,3 +66,26 @@ def test_random_weights_control_runs_stage_one(colour_folder, in_tmp):
     results = run_heads(HeadSettings(store=str(store.folder), heads=("logreg",), controls=("random",), output_root="results"))
     assert [result["control"] for result in results] == [None, "random weights"]
     assert results[1]["control_store"] == str(control.folder)
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_pixels_control_on_real_photos(shared_datasets, in_tmp):
+    from pipeline.settings import DatasetSettings, ExtractSettings, HeadSettings
+    from stages.extract import run_extraction
+    from stages.train_heads import run_heads
+
+    settings = ExtractSettings(dataset=DatasetSettings(str(shared_datasets / "hymenoptera_data")), backbone="test_resnet",
+                               weights="random", taps=("pre_logits",), workers=0, batch_size=16, device="cpu")
+    store = FeatureStore(run_extraction(settings).folder)
+    data = pixel_tap_data(store, size=8)
+    assert data.X_train.shape == (len(store.paths("train")), 192)
+    assert data.X_val.shape == (153, 192)
+    assert "ants/ant photos.jpg" in [path.split("train/", 1)[-1] for path in store.paths("train")]
+
+    results = run_heads(HeadSettings(store=str(store.folder), heads=("logreg",), controls=("majority", "pixels"),
+                                     pixel_size=8, output_root="results"))
+    pixels = next(result for result in results if result["control"] == "pixels")
+    majority = next(result for result in results if result["control"] == "majority")
+    assert pixels["eval_split"] == "val"
+    assert pixels["accuracy"] > majority["accuracy"] - 0.1
