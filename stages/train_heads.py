@@ -69,6 +69,8 @@ def plan_units(store: FeatureStore, taps: list[str], settings: HeadSettings) -> 
     if "pixels" in settings.controls:
         units.append(Unit(f"pixels{settings.pixel_size}", CONTROL_HEAD, "pixels", False))
     if "random" in settings.controls:
+        # NOTE: these results are keyed by the pretrained store's key, so that a rerun need not build the
+        # backbone to find the random-weights store; changing its seed in pipeline.backbones does not retrain them.
         units += [Unit(tap, CONTROL_HEAD, "random weights", False) for tap in taps]
     return units
 
