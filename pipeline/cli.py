@@ -102,15 +102,40 @@ def extract_settings_from(args: argparse.Namespace) -> ExtractSettings:
 
 def add_heads_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=None, help="store folder (default: the newest complete store)")
-    parser.add_argument("--heads", type=_comma_list, default=("logreg", "linear", "mlp"), help="comma-separated head names")
+    parser.add_argument(
+        "--heads", type=_comma_list, default=("logreg", "linear", "mlp", "knn"), help="comma-separated head names"
+    )
     parser.add_argument("--head-taps", type=_comma_list, default=(), help="taps to train on (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of head training")
     parser.add_argument("--results", default="data/results", help="folder that holds the results")
+    parser.add_argument("--seeds", type=int, default=1, help="trainings per selected setting; results give mean and 95%% CI")
+    parser.add_argument("--class-weight", default=None, choices=["balanced"], help="weight classes by inverse frequency")
+    parser.add_argument(
+        "--controls", type=_comma_list, default=("majority", "pixels"),
+        help="comma-separated controls: majority, pixels, random (runs stage one with random weights); '' for none",
+    )
+    parser.add_argument("--overfit-gap", type=float, default=0.1, help="warn when train minus val accuracy exceeds this")
+    parser.add_argument("--memory-budget-mb", type=float, default=2048.0, help="MiB per tap before linear/mlp heads stream")
+    parser.add_argument("--cv-folds", type=int, default=3, help="cross-validation folds inside train when there is no val")
+    parser.add_argument("--pixel-size", type=int, default=16, help="side in pixels of the pixels control's images")
+    parser.add_argument("--head-threads", type=int, default=1, help="torch CPU threads while heads train")
 
 
 def heads_settings_from(args: argparse.Namespace, store: str | None = None) -> HeadSettings:
     return HeadSettings(
-        store=store or args.store, heads=args.heads, taps=args.head_taps, seed=args.seed, output_root=args.results
+        store=store or args.store,
+        heads=args.heads,
+        taps=args.head_taps,
+        seed=args.seed,
+        output_root=args.results,
+        seeds=args.seeds,
+        class_weight=args.class_weight,
+        controls=args.controls,
+        overfit_gap=args.overfit_gap,
+        memory_budget_mb=args.memory_budget_mb,
+        cv_folds=args.cv_folds,
+        pixel_size=args.pixel_size,
+        threads=args.head_threads,
     )
 
 

@@ -159,7 +159,7 @@ class HeadSettings:
     # Store folder; None picks the most recently completed store under data/features.
     store: str | None = None
     # Head names from the head registry.
-    heads: tuple[str, ...] = ("logreg", "linear", "mlp")
+    heads: tuple[str, ...] = ("logreg", "linear", "mlp", "knn")
     # Taps to train on; empty means every tap in the store.
     taps: tuple[str, ...] = ()
     # Seed of head initialization and batch order.
@@ -168,10 +168,44 @@ class HeadSettings:
     output_root: str = str(DATA_ROOT / "results")
     # "cpu", "cuda" or "auto" for the torch heads.
     device: str = "cpu"
+    # Trainings of each selected setting with seeds seed .. seed + seeds - 1; results give their mean.
+    seeds: int = 1
+    # None, or "balanced" to weight each class by n / (classes * count) in the loss.
+    class_weight: str | None = None
+    # Controls added to the leaderboard: "majority", "pixels", "random" (random-weights store, runs stage one).
+    controls: tuple[str, ...] = ("majority", "pixels")
+    # Overfitting warning when train accuracy exceeds selection accuracy by more than this (accuracy points, 0..1).
+    overfit_gap: float = 0.1
+    # Memory for the features of one tap, in MiB; above it linear and MLP heads stream shard by shard.
+    memory_budget_mb: float = 2048.0
+    # Cross-validation folds inside train, used for selection only when the store has no val split.
+    cv_folds: int = 3
+    # Side in pixels of the downscaled images of the pixels control.
+    pixel_size: int = 16
+    # torch CPU threads while heads train. Heads are small matrix products, so one thread loses
+    # little, and it avoids the synchronization stalls of several threads on a busy CPU.
+    threads: int = 1
 
     def validate(self) -> None:
         if not self.heads:
             raise SettingsError("heads is empty: name at least one head, such as 'logreg'.")
+        if self.seeds < 1:
+            raise SettingsError(f"seeds={self.seeds} is invalid: use 1 or more.")
+        if self.class_weight not in (None, "balanced"):
+            raise SettingsError(f"class_weight={self.class_weight!r} is invalid: use None or 'balanced'.")
+        unknown = [name for name in self.controls if name not in ("majority", "pixels", "random")]
+        if unknown:
+            raise SettingsError(f"controls={unknown} are not known: use some of ['majority', 'pixels', 'random'].")
+        if not 0.0 <= self.overfit_gap <= 1.0:
+            raise SettingsError(f"overfit_gap={self.overfit_gap} is invalid: use an accuracy gap in [0, 1].")
+        if self.memory_budget_mb <= 0:
+            raise SettingsError(f"memory_budget_mb={self.memory_budget_mb} is invalid: use a positive number of MiB.")
+        if self.cv_folds < 2:
+            raise SettingsError(f"cv_folds={self.cv_folds} is invalid: use 2 or more folds.")
+        if self.pixel_size < 1:
+            raise SettingsError(f"pixel_size={self.pixel_size} is invalid: use a positive side in pixels.")
+        if self.threads < 1:
+            raise SettingsError(f"threads={self.threads} is invalid: use 1 or more torch CPU threads.")
 
 
 def settings_to_dict(settings: Any) -> dict[str, Any]:

@@ -36,7 +36,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
@@ -389,8 +389,41 @@ class FeatureStore:
         """Return the view of each row of a split, in the row order of ``load(split, tap)``."""
         return self._read_columns()["view"][self.mask(split)]
 
+    def load_labels(self, split: str) -> np.ndarray:
+        """Return the (n,) labels of one split without reading any features."""
+        return self._read_columns()["label"][self.mask(split)]
+
     def paths(self, split: str) -> list[str]:
         return self._read_columns()["path"][self.mask(split)].tolist()
+
+    def feature_bytes(self, split: str, tap: str) -> int:
+        """Return the size in bytes of one split's features of one tap once loaded as float32."""
+        return int(self.mask(split).sum()) * self.taps[tap] * 4
+
+    def iter_shards(self, split: str, tap: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (features (n, D) float32, labels (n,)) of one split, one shard at a time, in shard order.
+
+        At most one shard's features of one tap are held at once; shards without the split are skipped.
+        """
+        for position in range(len(self.manifest["shards"])):
+            block = self.read_shard(position, split, tap)
+            if block is not None:
+                yield block
+
+    def read_shard(self, position: int, split: str, tap: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Return (features (n, D) float32, labels (n,)) of one split in the shard at ``position``, or None.
+
+        The shard's tap is read as one contiguous block and the split's rows are selected in memory.
+        """
+        if tap not in self.taps:
+            raise KeyError(f"Tap {tap!r} is not in store {self.name}: its taps are {list(self.taps)}.")
+        with h5py.File(self.shard_paths()[position], "r") as handle:
+            rows = handle["split"].asstr()[:] == split
+            if not rows.any():
+                return None
+            features = handle["features"][tap][:]
+            labels = handle["label"][:]
+        return features[rows].astype(np.float32, copy=False), labels[rows]
 
     def __len__(self) -> int:
         return sum(entry["count"] for entry in self.manifest["shards"])

@@ -27,7 +27,7 @@ from pipeline.settings import DATA_ROOT, DatasetSettings, ExtractSettings, HeadS
 from pipeline.store import FeatureStore
 from pipeline.taps import TapExtractor
 from stages.extract import run_extraction
-from stages.heads import HEADS
+from stages.train_heads import HEAD_NAMES
 from stages.leaderboard import write_leaderboard
 from stages.train_heads import run_heads
 
@@ -70,9 +70,9 @@ class BenchSettings:
             raise SettingsError("backbones is empty: name at least one backbone, such as 'efficientnet_lite0'.")
         if not self.heads:
             raise SettingsError("heads is empty: name at least one head, such as 'logreg'.")
-        unknown = [name for name in self.heads if name not in HEADS]
+        unknown = [name for name in self.heads if name not in HEAD_NAMES]
         if unknown:
-            raise SettingsError(f"heads={unknown} are not known: use some of {sorted(HEADS)}.")
+            raise SettingsError(f"heads={unknown} are not known: use some of {list(HEAD_NAMES)}.")
         for spec in self.backbones:
             parse_backbone_spec(spec)
         self.dataset.validate()

@@ -18,6 +18,9 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from pipeline.settings import SettingsError
+from stages.knn import KNNHead
+
 logger = logging.getLogger(__name__)
 
 
@@ -72,6 +75,7 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         patience: int = 10,
         seed: int = 0,
         device: str = "cpu",
+        class_weight: str | None = None,
     ) -> None:
         self.lr = lr
         self.weight_decay = weight_decay
@@ -80,6 +84,7 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         self.patience = patience
         self.seed = seed
         self.device = device
+        self.class_weight = class_weight
 
     def build_body(self, n_features: int, n_classes: int) -> nn.Module:
         raise NotImplementedError
@@ -88,34 +93,45 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         """Train on (X, y); with ``eval_set=(X_val, y_val)``, keep the epoch with the best val accuracy."""
         X = np.asarray(X, dtype=np.float32)
         self.classes_, targets = np.unique(np.asarray(y), return_inverse=True)
-        generator = torch.Generator().manual_seed(self.seed)
-        torch.manual_seed(self.seed)
+        mean, scale = standardization(X)
+        features = torch.as_tensor(X)
+        labels = torch.as_tensor(targets)
 
-        mean = X.mean(axis=0)
-        scale = X.std(axis=0)
-        scale[scale < 1e-6] = 1.0
+        def epoch_batches(generator: torch.Generator):
+            order = torch.randperm(len(features), generator=generator)
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                yield features[batch], labels[batch]
+
+        evaluate = None
+        if eval_set is not None:
+            X_eval, y_eval = np.asarray(eval_set[0], dtype=np.float32), np.asarray(eval_set[1])
+            evaluate = lambda: float(np.mean(self.predict(X_eval) == y_eval))  # noqa: E731
+        return self.train_loop(X.shape[1], mean, scale, np.bincount(targets, minlength=len(self.classes_)), epoch_batches, evaluate)
+
+    def train_loop(self, n_features: int, mean: np.ndarray, scale: np.ndarray, class_counts: np.ndarray, epoch_batches, evaluate) -> "TorchHead":
+        """Run the epochs: ``epoch_batches(generator)`` yields (features, labels) batches, ``evaluate()`` the val accuracy."""
+        torch.manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed)
         device = torch.device(self.device)
-        module = _Standardized(self.build_body(X.shape[1], len(self.classes_)), mean, scale).to(device)
+        module = _Standardized(self.build_body(n_features, len(self.classes_)), mean, scale).to(device)
         optimizer = torch.optim.AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        loss_function = nn.CrossEntropyLoss()
-        features = torch.as_tensor(X, device=device)
-        labels = torch.as_tensor(targets, device=device)
+        weight = class_weights(class_counts, self.class_weight)
+        loss_function = nn.CrossEntropyLoss(weight=None if weight is None else torch.as_tensor(weight, device=device))
 
         best_score, best_state, best_epoch, stale = -1.0, None, 0, 0
         for epoch in range(self.epochs):
             module.train()
-            order = torch.randperm(len(features), generator=generator).to(device)
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start : start + self.batch_size]
+            for batch_features, batch_labels in epoch_batches(generator):
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_function(module(features[batch]), labels[batch])
+                loss = loss_function(module(batch_features.to(device)), batch_labels.to(device))
                 loss.backward()
                 optimizer.step()
 
-            if eval_set is None:
+            if evaluate is None:
                 continue
             self.module_ = module
-            score = float(np.mean(self.predict(eval_set[0]) == np.asarray(eval_set[1])))
+            score = evaluate()
             if score > best_score:
                 best_score, best_state, best_epoch, stale = score, copy.deepcopy(module.state_dict()), epoch, 0
             else:
@@ -127,7 +143,7 @@ class TorchHead(ClassifierMixin, BaseEstimator):
             module.load_state_dict(best_state)
         module.eval()
         self.module_ = module
-        self.best_epoch_ = best_epoch if eval_set is not None else self.epochs - 1
+        self.best_epoch_ = best_epoch if evaluate is not None else self.epochs - 1
         return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
@@ -138,8 +154,26 @@ class TorchHead(ClassifierMixin, BaseEstimator):
             return torch.softmax(logits, dim=1).cpu().numpy()
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        check_is_fitted(self, "module_")
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        probabilities = self.predict_proba(X)
+        return self.classes_[np.argmax(probabilities, axis=1)]
+
+
+def standardization(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return the per-feature mean and standard deviation of (N, D) features; constant features get a scale of 1."""
+    mean = X.mean(axis=0)
+    scale = X.std(axis=0)
+    scale[scale < 1e-6] = 1.0
+    return mean, scale
+
+
+def class_weights(class_counts: np.ndarray, class_weight: str | None) -> np.ndarray | None:
+    """Return per-class loss weights: None, or n / (C * count) for "balanced", as scikit-learn computes them."""
+    if class_weight is None:
+        return None
+    if class_weight != "balanced":
+        raise SettingsError(f"class_weight={class_weight!r} is invalid: use None or 'balanced'.")
+    counts = np.maximum(np.asarray(class_counts, dtype=np.float64), 1.0)
+    return (counts.sum() / (len(counts) * counts)).astype(np.float32)
 
 
 class LinearHead(TorchHead):
@@ -164,9 +198,17 @@ class MLPHead(TorchHead):
         patience: int = 10,
         seed: int = 0,
         device: str = "cpu",
+        class_weight: str | None = None,
     ) -> None:
         super().__init__(
-            lr=lr, weight_decay=weight_decay, epochs=epochs, batch_size=batch_size, patience=patience, seed=seed, device=device
+            lr=lr,
+            weight_decay=weight_decay,
+            epochs=epochs,
+            batch_size=batch_size,
+            patience=patience,
+            seed=seed,
+            device=device,
+            class_weight=class_weight,
         )
         self.hidden = hidden
         self.dropout = dropout
@@ -177,9 +219,10 @@ class MLPHead(TorchHead):
         )
 
 
-# Each head's search space: selection picks the setting with the best val accuracy.
-HEADS: dict[str, tuple[type, dict[str, list]]] = {
-    "logreg": (LogisticRegressionHead, {"C": [0.01, 0.1, 1.0, 10.0]}),
-    "linear": (LinearHead, {"lr": [1e-3, 1e-2], "weight_decay": [1e-4]}),
-    "mlp": (MLPHead, {"lr": [1e-3], "weight_decay": [1e-4]}),
+# Head name -> head class; the search spaces live in stages.selection.
+HEAD_CLASSES: dict[str, type] = {
+    "logreg": LogisticRegressionHead,
+    "linear": LinearHead,
+    "mlp": MLPHead,
+    "knn": KNNHead,
 }

@@ -24,12 +24,16 @@ def test_extract_then_heads(in_tmp, colour_folder, capsys):
 
     results_folder = in_tmp / "data" / "results" / store_folder.name
     rows = json.loads((results_folder / "results.json").read_text())["results"]
-    assert {row["head"] for row in rows} == {"logreg", "linear"}
-    assert all(row["eval_split"] == "val" for row in rows)
-    assert all(row["accuracy"] > 0.9 for row in rows)
-    assert (results_folder / "results.csv").is_file()
-    assert (results_folder / "heads" / "pre_logits__logreg.joblib").is_file()
-    assert (results_folder / "heads" / "pre_logits__linear.pt").is_file()
+    pretrained = [row for row in rows if row["tap"] == "pre_logits"]
+    assert {row["head"] for row in pretrained} == {"logreg", "linear"}
+    assert all(row["eval_split"] == "val" for row in pretrained)
+    assert all(row["accuracy"] > 0.9 for row in pretrained)
+    assert (results_folder / "leaderboard.csv").is_file()
+    head_files = {row["head"]: results_folder / row["head_file"] for row in pretrained}
+    assert head_files["logreg"].suffix == ".joblib"
+    assert head_files["logreg"].is_file()
+    assert head_files["linear"].suffix == ".pt"
+    assert head_files["linear"].is_file()
 
 
 def test_heads_without_store_is_an_error(in_tmp, caplog):

@@ -7,7 +7,8 @@ import pytest
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-from stages.heads import HEADS, LinearHead, LogisticRegressionHead, MLPHead
+from stages.heads import LinearHead, LogisticRegressionHead, MLPHead
+from stages.train_heads import HEAD_NAMES
 
 
 def blobs(seed: int, n_per_class: int = 40, n_classes: int = 3, dim: int = 16):
@@ -77,4 +78,4 @@ def test_torch_head_is_seeded():
 
 
 def test_registry_names():
-    assert set(HEADS) >= {"logreg", "linear", "mlp"}
+    assert set(HEAD_NAMES) >= {"logreg", "linear", "mlp", "knn"}

@@ -1,0 +1,199 @@
+"""K linear heads (learning rate x weight decay x tap) trained together as one batched computation.
+
+Each head starts from the same initialization, gets the same batch order and takes the same AdamW
+steps as ``LinearHead`` trained alone with the same seed, so the results match up to floating-point
+rounding. The heads of one tap share the (B, D) input batch and keep their weights stacked in one
+(K_tap, D, C) tensor, so one einsum replaces K_tap matrix products and the Python loop runs once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from stages.heads import LinearHead, _Standardized, class_weights, standardization
+
+logger = logging.getLogger(__name__)
+
+# AdamW constants, torch.optim.AdamW defaults (torch 2.x).
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class LinearSetting:
+    """One head of the grid."""
+
+    tap: str
+    lr: float
+    weight_decay: float
+
+
+@dataclass
+class _TapGroup:
+    """The stacked parameters and AdamW state of the heads that read one tap."""
+
+    tap: str
+    members: list[int]  # positions of these heads in the settings list
+    features: torch.Tensor  # (N, D) standardized train features
+    select: torch.Tensor | None  # (N_select, D) standardized selection features
+    mean: np.ndarray
+    scale: np.ndarray
+    weight: torch.Tensor  # (K_tap, D, C)
+    bias: torch.Tensor  # (K_tap, C)
+    lr: torch.Tensor  # (K_tap,)
+    weight_decay: torch.Tensor  # (K_tap,)
+
+
+def train_linear_grid(
+    train: dict[str, np.ndarray],
+    y_train: np.ndarray,
+    settings: list[LinearSetting],
+    select: dict[str, np.ndarray] | None = None,
+    y_select: np.ndarray | None = None,
+    *,
+    epochs: int = 100,
+    batch_size: int = 256,
+    patience: int = 10,
+    seed: int = 0,
+    class_weight: str | None = None,
+) -> list[LinearHead]:
+    """Train one LinearHead per setting on ``train[tap]`` (N, D_tap), all in one loop, and return them fitted.
+
+    With a selection split, each head keeps its epoch of best selection accuracy and stops after
+    ``patience`` epochs without improvement, exactly as ``LinearHead.fit(..., eval_set=...)`` does.
+    """
+    classes, targets = np.unique(np.asarray(y_train), return_inverse=True)
+    labels = torch.as_tensor(targets)
+    weight = class_weights(np.bincount(targets, minlength=len(classes)), class_weight)
+    loss_weight = None if weight is None else torch.as_tensor(weight)
+    groups = [_build_group(tap, settings, train[tap], None if select is None else select[tap], len(classes), seed)
+              for tap in dict.fromkeys(setting.tap for setting in settings)]
+    state = [(torch.zeros_like(group.weight), torch.zeros_like(group.weight), torch.zeros_like(group.bias),
+              torch.zeros_like(group.bias)) for group in groups]
+
+    # per-head early stopping bookkeeping, indexed like settings
+    best_score = np.full(len(settings), -1.0)
+    best_epoch = np.zeros(len(settings), dtype=int)
+    stale = np.zeros(len(settings), dtype=int)
+    active = np.ones(len(settings), dtype=bool)
+    best_weight = [None] * len(settings)
+    best_bias = [None] * len(settings)
+
+    generator = torch.Generator().manual_seed(seed)
+    step = 0
+    for epoch in tqdm(range(epochs), desc=f"linear x{len(settings)}", unit="epoch", leave=False, dynamic_ncols=True):
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            step += 1
+            for group, (m_w, v_w, m_b, v_b) in zip(groups, state):
+                group.weight.requires_grad_(True)
+                group.bias.requires_grad_(True)
+                logits = torch.einsum("bd,kdc->kbc", group.features[batch], group.weight) + group.bias[:, None, :]  # (K, B, C)
+                # summing the per-head mean cross-entropies gives each head the gradient of its own loss
+                loss = _summed_cross_entropy(logits, labels[batch], loss_weight)
+                grad_weight, grad_bias = torch.autograd.grad(loss, (group.weight, group.bias))
+                with torch.no_grad():
+                    group.weight.requires_grad_(False)
+                    group.bias.requires_grad_(False)
+                    _adamw_step(group.weight, grad_weight, m_w, v_w, group.lr[:, None, None], group.weight_decay[:, None, None], step)
+                    _adamw_step(group.bias, grad_bias, m_b, v_b, group.lr[:, None], group.weight_decay[:, None], step)
+
+        if select is None:
+            continue
+        for group in groups:
+            with torch.no_grad():
+                logits = torch.einsum("bd,kdc->kbc", group.select, group.weight) + group.bias[:, None, :]
+            accuracy = (classes[logits.argmax(dim=2).numpy()] == np.asarray(y_select)[None, :]).mean(axis=1)  # (K,)
+            for position, member in enumerate(group.members):
+                if not active[member]:
+                    continue
+                if accuracy[position] > best_score[member]:
+                    best_score[member], best_epoch[member], stale[member] = accuracy[position], epoch, 0
+                    best_weight[member] = group.weight[position].clone()
+                    best_bias[member] = group.bias[position].clone()
+                else:
+                    stale[member] += 1
+                    active[member] = stale[member] < patience
+        if not active.any():
+            break
+
+    heads = []
+    for group in groups:
+        for position, member in enumerate(group.members):
+            setting = settings[member]
+            head = LinearHead(lr=setting.lr, weight_decay=setting.weight_decay, epochs=epochs, batch_size=batch_size,
+                              patience=patience, seed=seed, class_weight=class_weight)
+            layer = nn.Linear(group.weight.shape[1], len(classes))
+            with torch.no_grad():
+                layer.weight.copy_((group.weight[position] if best_weight[member] is None else best_weight[member]).T)
+                layer.bias.copy_(group.bias[position] if best_bias[member] is None else best_bias[member])
+            head.classes_ = classes
+            head.module_ = _Standardized(layer, group.mean, group.scale).eval()
+            head.best_epoch_ = int(best_epoch[member]) if select is not None else epochs - 1
+            heads.append((member, head))
+    return [head for _, head in sorted(heads, key=lambda item: item[0])]
+
+
+def _build_group(tap: str, settings: list[LinearSetting], X: np.ndarray, X_select: np.ndarray | None,
+                 n_classes: int, seed: int) -> _TapGroup:
+    """Standardize one tap and initialize its heads as ``LinearHead`` does: nn.Linear right after manual_seed."""
+    X = np.asarray(X, dtype=np.float32)
+    mean, scale = standardization(X)
+    members = [position for position, setting in enumerate(settings) if setting.tap == tap]
+    weights, biases = [], []
+    for _ in members:
+        torch.manual_seed(seed)
+        layer = nn.Linear(X.shape[1], n_classes)
+        weights.append(layer.weight.detach().T.clone())  # (D, C)
+        biases.append(layer.bias.detach().clone())
+
+    # the same float32 operations as _Standardized.forward, so that inputs match bit for bit
+    def standardized(values: np.ndarray) -> torch.Tensor:
+        return (torch.as_tensor(np.asarray(values, dtype=np.float32)) - torch.as_tensor(mean)) / torch.as_tensor(scale)
+
+    return _TapGroup(
+        tap=tap,
+        members=members,
+        features=standardized(X),
+        select=None if X_select is None else standardized(X_select),
+        mean=mean,
+        scale=scale,
+        weight=torch.stack(weights),
+        bias=torch.stack(biases),
+        lr=torch.tensor([settings[member].lr for member in members], dtype=torch.float32),
+        weight_decay=torch.tensor([settings[member].weight_decay for member in members], dtype=torch.float32),
+    )
+
+
+def _summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Return the sum over heads of each head's mean cross-entropy, as nn.CrossEntropyLoss averages it.
+
+    ``logits`` is (K, B, C). With class weights, the mean divides by the summed weights of the batch.
+    """
+    heads, batch, classes = logits.shape
+    per_sample = nn.functional.cross_entropy(
+        logits.reshape(heads * batch, classes), labels.repeat(heads), weight=weight, reduction="none"
+    ).reshape(heads, batch)
+    normalizer = batch if weight is None else weight[labels].sum()
+    return per_sample.sum() / normalizer
+
+
+def _adamw_step(parameter: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                lr: torch.Tensor, weight_decay: torch.Tensor, step: int) -> None:
+    """Apply one AdamW update in place with a learning rate and weight decay per head, as torch.optim.AdamW does."""
+    beta1, beta2 = BETAS
+    parameter.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    denominator = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(EPS)
+    parameter.sub_(lr / bias_correction1 * exp_avg / denominator)

@@ -1,0 +1,78 @@
+"""Controls that a leaderboard compares the pretrained features with.
+
+- majority: predict the most frequent train class;
+- pixels: logistic regression on the images themselves, downscaled, read from the store's
+  ``dataset_root`` and stored relative paths;
+- random weights: the same backbone and taps with untrained weights, extracted by stage one and
+  cached like any other store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.store import FeatureStore, StoreError
+from stages.selection import TapData
+
+logger = logging.getLogger(__name__)
+
+def store_tap_data(store: FeatureStore, tap: str) -> TapData:
+    """Load one tap of a store into the splits that selection and evaluation use."""
+    splits = store.splits()
+    if "train" not in splits:
+        raise StoreError(f"Store {store.name} has no train split (it has {splits}): re-extract with a train split.")
+    data = TapData(tap, *store.load("train", tap), groups=store.indices("train"))
+    if "val" in splits:
+        data.X_val, data.y_val = store.load("val", tap)
+    if "test" in splits:
+        data.X_test, data.y_test = store.load("test", tap)
+    return data
+
+
+def pixel_tap_data(store: FeatureStore, size: int) -> TapData:
+    """Read every stored image, convert it to RGB, downscale it to size x size and flatten it to (3 * size**2,)."""
+    from PIL import Image
+
+    root = Path(store.manifest.get("dataset_root", ""))
+    if not root.is_dir():
+        raise StoreError(f"The images of store {store.name} are not at dataset_root={str(root)!r}: the pixels control needs them.")
+
+    def read(split: str) -> tuple[np.ndarray, np.ndarray]:
+        labels = store.load_labels(split)
+        pixels = np.zeros((len(labels), 3 * size * size), dtype=np.float32)
+        for row, relative in enumerate(store.paths(split)):
+            with Image.open(root / relative) as image:
+                image.seek(0)
+                small = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            pixels[row] = np.asarray(small, dtype=np.float32).ravel() / 255.0
+        return pixels, labels
+
+    splits = store.splits()
+    data = TapData(f"pixels{size}", *read("train"), groups=store.indices("train"))
+    if "val" in splits:
+        data.X_val, data.y_val = read("val")
+    if "test" in splits:
+        data.X_test, data.y_test = read("test")
+    return data
+
+
+def random_weights_store(store: FeatureStore) -> FeatureStore:
+    """Return the store of the same backbone, dataset and taps with random weights, running stage one on a cache miss."""
+    from stages.extract import run_extraction
+
+    from pipeline.settings import DatasetSettings, ExtractSettings
+
+    saved = json.loads((store.folder / "settings.json").read_text(encoding="utf-8"))
+    if store.provenance.get("weights") == "random":
+        raise StoreError(f"Store {store.name} already has random weights: the random-weights control compares pretrained ones.")
+    fields = {name: value for name, value in saved.items() if name in ExtractSettings.__dataclass_fields__}
+    fields["dataset"] = DatasetSettings(**saved["dataset"])
+    fields["taps"] = tuple(fields.get("taps", ()))
+    # a fresh name, derived from the key, so that a store given an explicit name is never overwritten
+    fields.update(weights="random", checkpoint=None, name=None, force=False, output_root=str(store.folder.parent))
+    logger.info("Random-weights control: stage one of %s with weights='random' (cached like any store)", saved.get("backbone"))
+    return FeatureStore(run_extraction(ExtractSettings(**fields)).folder)

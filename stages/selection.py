@@ -1,0 +1,224 @@
+"""Hyperparameter selection: search spaces, folds, sweeps on the selection split, and the final fit.
+
+Selection uses val only. Where the store has no val split, it uses k-fold cross-validation inside
+train, with folds grouped by dataset index so that several views of one image never straddle a
+fold. Test plays no part here: the caller evaluates it once, for the selected setting.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.settings import SettingsError
+
+logger = logging.getLogger(__name__)
+
+# Search space of each head. The logreg grid spans C = 1e-6 .. 1e5, the range that the DINOv2
+# frozen-feature evaluation sweeps (dinov2/eval/log_regression.py), at one value per decade.
+SEARCH_SPACES: dict[str, dict[str, list]] = {
+    "logreg": {"C": [float(value) for value in np.logspace(-6, 5, 12)]},
+    "linear": {"lr": [1e-3, 1e-2], "weight_decay": [1e-4, 1e-2]},
+    "mlp": {"lr": [1e-3, 3e-3], "weight_decay": [1e-4, 1e-2]},
+    "knn": {"k": [1, 3, 5, 10, 20, 50]},
+}
+
+
+@dataclass
+class TapData:
+    """Features of one tap (or of a control's feature source) for each split; val and test may be absent."""
+
+    tap: str
+    X_train: np.ndarray
+    y_train: np.ndarray
+    groups: np.ndarray  # (N_train,) dataset index of each train row, shared by the views of one image
+    X_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+    X_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
+
+
+@dataclass
+class Fold:
+    """One train / selection partition: the rows of train used to fit, and the selection features."""
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_select: np.ndarray
+    y_select: np.ndarray
+
+
+@dataclass
+class Sweep:
+    """Scores of every setting of a search space, averaged over the folds."""
+
+    settings: list[dict[str, Any]]
+    scores: list[float]  # selection accuracy per setting
+    train_accuracies: list[float]  # train accuracy per setting, for the overfitting check
+    best_epochs: list[float]  # mean best epoch per setting (torch heads), else 0
+    fitted: list[Any] | None = None  # the fitted heads, when there is a single fold (val)
+
+    def best(self) -> int:
+        """Return the position of the best setting; ties go to the first in grid order."""
+        return int(np.argmax(self.scores))
+
+    def table(self) -> list[dict[str, Any]]:
+        return [{"setting": setting, "score": score} for setting, score in zip(self.settings, self.scores)]
+
+
+def parameter_grid(space: dict[str, list]) -> list[dict[str, Any]]:
+    import itertools
+
+    names = sorted(space)
+    return [dict(zip(names, values)) for values in itertools.product(*(space[name] for name in names))]
+
+
+def selection_split_name(data: TapData, cv_folds: int) -> str:
+    return "val" if data.X_val is not None else f"{cv_folds}-fold cross-validation on train"
+
+
+def make_folds(data: TapData, cv_folds: int, seed: int) -> list[Fold]:
+    """Return [train vs val] when val exists, else ``cv_folds`` stratified folds of train grouped by index."""
+    if data.X_val is not None:
+        return [Fold(data.X_train, data.y_train, data.X_val, data.y_val)]
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    smallest = int(np.bincount(np.unique(data.y_train, return_inverse=True)[1]).min())
+    if smallest < cv_folds:
+        raise SettingsError(
+            f"The store has no val split and its smallest train class has {smallest} samples, fewer than "
+            f"cv_folds={cv_folds}: lower --cv-folds or extract with a val split."
+        )
+    splitter = StratifiedGroupKFold(n_splits=cv_folds, shuffle=True, random_state=seed)
+    folds = []
+    for fit_rows, select_rows in splitter.split(data.X_train, data.y_train, data.groups):
+        folds.append(Fold(data.X_train[fit_rows], data.y_train[fit_rows], data.X_train[select_rows], data.y_train[select_rows]))
+    return folds
+
+
+def sweep_logreg(folds: list[Fold], space: dict[str, list], class_weight: str | None, max_iter: int = 1000) -> Sweep:
+    """Fit logistic regression for each C, smallest first, warm-starting each fit from the previous solution."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    import warnings
+
+    settings = [{"C": value} for value in sorted(space["C"])]
+    scores = np.zeros((len(folds), len(settings)))
+    train_scores = np.zeros_like(scores)
+    for row, fold in enumerate(folds):
+        scaler = StandardScaler().fit(fold.X_train)
+        X_fit, X_select = scaler.transform(fold.X_train), scaler.transform(fold.X_select)
+        model = LogisticRegression(warm_start=True, max_iter=max_iter, class_weight=class_weight)
+        for column, setting in enumerate(settings):
+            model.set_params(C=setting["C"])
+            with warnings.catch_warnings():
+                # NOTE: large C on separable features may stop at max_iter; the val score still ranks it.
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                model.fit(X_fit, fold.y_train)
+            scores[row, column] = np.mean(model.predict(X_select) == fold.y_select)
+            train_scores[row, column] = np.mean(model.predict(X_fit) == fold.y_train)
+    return Sweep(settings, scores.mean(axis=0).tolist(), train_scores.mean(axis=0).tolist(), [0.0] * len(settings))
+
+
+def sweep_knn(folds: list[Fold], space: dict[str, list]) -> Sweep:
+    from stages.knn import sweep_k
+
+    ks = sorted(space["k"])
+    scores = np.array([[found[k] for k in ks] for found in (sweep_k(f.X_train, f.y_train, f.X_select, f.y_select, ks) for f in folds)])
+    # each train sample is its own nearest neighbour, so this train accuracy is optimistic and the
+    # overfitting check skips kNN
+    train = [
+        float(np.mean([sweep_k(f.X_train, f.y_train, f.X_train, f.y_train, [k])[k] for f in folds])) for k in ks
+    ]
+    return Sweep([{"k": k} for k in ks], scores.mean(axis=0).tolist(), train, [0.0] * len(ks))
+
+
+def sweep_torch(head_class: type, folds: list[Fold], space: dict[str, list], fixed: dict[str, Any]) -> Sweep:
+    """Fit a torch head for every setting on every fold, with early stopping on the fold's selection rows."""
+    settings = parameter_grid(space)
+    scores = np.zeros((len(folds), len(settings)))
+    train_scores = np.zeros_like(scores)
+    epochs = np.zeros_like(scores)
+    fitted = []
+    for row, fold in enumerate(folds):
+        for column, setting in enumerate(settings):
+            head = head_class(**setting, **fixed).fit(fold.X_train, fold.y_train, eval_set=(fold.X_select, fold.y_select))
+            scores[row, column] = np.mean(head.predict(fold.X_select) == fold.y_select)
+            train_scores[row, column] = np.mean(head.predict(fold.X_train) == fold.y_train)
+            epochs[row, column] = head.best_epoch_
+            fitted.append(head)
+    return Sweep(settings, scores.mean(axis=0).tolist(), train_scores.mean(axis=0).tolist(), epochs.mean(axis=0).tolist(),
+                 fitted if len(folds) == 1 else None)
+
+
+def sweep_linear_grid(datas: list[TapData], folds_by_tap: dict[str, list[Fold]], space: dict[str, list],
+                      fixed: dict[str, Any]) -> dict[str, Sweep]:
+    """Train the lr x weight decay x tap grid of linear heads as one batched computation per fold."""
+    from stages.batched import LinearSetting, train_linear_grid
+
+    grid = parameter_grid(space)
+    settings = [LinearSetting(data.tap, setting["lr"], setting["weight_decay"]) for data in datas for setting in grid]
+    fold_count = len(next(iter(folds_by_tap.values())))
+    scores = np.zeros((fold_count, len(settings)))
+    train_scores = np.zeros_like(scores)
+    epochs = np.zeros_like(scores)
+    fitted: list[Any] = []
+    for row in range(fold_count):
+        folds = {data.tap: folds_by_tap[data.tap][row] for data in datas}
+        y_fit = folds[datas[0].tap].y_train
+        y_select = folds[datas[0].tap].y_select
+        heads = train_linear_grid(
+            {tap: fold.X_train for tap, fold in folds.items()}, y_fit, settings,
+            {tap: fold.X_select for tap, fold in folds.items()}, y_select, **fixed,
+        )
+        for column, (setting, head) in enumerate(zip(settings, heads)):
+            fold = folds[setting.tap]
+            scores[row, column] = np.mean(head.predict(fold.X_select) == fold.y_select)
+            train_scores[row, column] = np.mean(head.predict(fold.X_train) == fold.y_train)
+            epochs[row, column] = head.best_epoch_
+        fitted = heads
+
+    sweeps = {}
+    for data in datas:
+        columns = [column for column, setting in enumerate(settings) if setting.tap == data.tap]
+        sweeps[data.tap] = Sweep(
+            [grid[column % len(grid)] for column in columns],
+            scores.mean(axis=0)[columns].tolist(),
+            train_scores.mean(axis=0)[columns].tolist(),
+            epochs.mean(axis=0)[columns].tolist(),
+            [fitted[column] for column in columns] if fold_count == 1 else None,
+        )
+    return sweeps
+
+
+def final_fit(head_name: str, setting: dict[str, Any], sweep: Sweep, data: TapData, fixed: dict[str, Any],
+              seed: int) -> tuple[Any, str]:
+    """Return the head fitted with the selected setting for one seed, and which rows it was fitted on.
+
+    logreg and kNN refit on train + val (train alone without val). The torch heads keep the fit that
+    early stopping chose on val, or, without val, train on all of train for the mean best epoch of
+    the folds plus one.
+    """
+    from stages.heads import HEAD_CLASSES
+
+    position = sweep.settings.index(setting)
+    head_class = HEAD_CLASSES[head_name]
+    if head_name in ("logreg", "knn"):
+        if data.X_val is None:
+            return head_class(**setting, **fixed).fit(data.X_train, data.y_train), "train"
+        X = np.concatenate([data.X_train, data.X_val])
+        y = np.concatenate([data.y_train, data.y_val])
+        return head_class(**setting, **fixed).fit(X, y), "train+val"
+
+    fixed = {**fixed, "seed": seed}
+    if data.X_val is not None:
+        if sweep.fitted is not None and sweep.fitted[position].seed == seed:
+            return sweep.fitted[position], "train (early stopping on val)"
+        return head_class(**setting, **fixed).fit(data.X_train, data.y_train, eval_set=(data.X_val, data.y_val)), \
+            "train (early stopping on val)"
+    epochs = int(round(sweep.best_epochs[position])) + 1
+    return head_class(**setting, **{**fixed, "epochs": epochs}).fit(data.X_train, data.y_train), f"train ({epochs} epochs)"

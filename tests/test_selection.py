@@ -1,0 +1,97 @@
+"""Tests of stages.selection: search spaces, grouped folds, sweeps and the final fit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.settings import SettingsError
+from stages.selection import SEARCH_SPACES, TapData, final_fit, make_folds, sweep_logreg
+
+
+def tap_data(with_val: bool, views: int = 1, seed: int = 0) -> TapData:
+    rng = np.random.default_rng(seed)
+    images = 60
+    labels = np.repeat(np.arange(images) % 3, views)
+    X = (labels[:, None] * 1.5 + rng.normal(size=(images * views, 4))).astype(np.float32)
+    data = TapData("t", X, labels, groups=np.repeat(np.arange(images), views))
+    if with_val:
+        data.X_val = (np.arange(30)[:, None] % 3 * 1.5 + rng.normal(size=(30, 4))).astype(np.float32)
+        data.y_val = np.arange(30) % 3
+    return data
+
+
+def test_logreg_grid_spans_published_range():
+    values = SEARCH_SPACES["logreg"]["C"]
+    assert min(values) == pytest.approx(1e-6)
+    assert max(values) == pytest.approx(1e5)
+
+
+def test_folds_use_val_when_present():
+    data = tap_data(with_val=True)
+    folds = make_folds(data, cv_folds=3, seed=0)
+    assert len(folds) == 1
+    assert folds[0].X_select is data.X_val
+
+
+def test_folds_keep_views_of_one_image_together():
+    data = tap_data(with_val=False, views=3)
+    folds = make_folds(data, cv_folds=3, seed=0)
+    assert len(folds) == 3
+    for fold in folds:
+        fit_rows = {tuple(row) for row in fold.X_train.tolist()}
+        assert not fit_rows & {tuple(row) for row in fold.X_select.tolist()}
+    group_of = {tuple(row): group for row, group in zip(data.X_train.tolist(), data.groups)}
+    for fold in folds:
+        fit_groups = {group_of[tuple(row)] for row in fold.X_train.tolist()}
+        select_groups = {group_of[tuple(row)] for row in fold.X_select.tolist()}
+        assert not fit_groups & select_groups
+
+
+def test_folds_reject_too_small_classes():
+    data = tap_data(with_val=False)
+    with pytest.raises(SettingsError, match="cv_folds=30"):
+        make_folds(data, cv_folds=30, seed=0)
+
+
+def test_logreg_warm_sweep_matches_cold_fits():
+    from stages.heads import LogisticRegressionHead
+
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 2
+    y_val = np.arange(200) % 2
+    X = rng.normal(size=(60, 40)).astype(np.float32)
+    V = rng.normal(size=(200, 40)).astype(np.float32)
+    X[:, 0] += y * 1.5
+    V[:, 0] += y_val * 1.5
+    data = TapData("t", X, y, groups=np.arange(60), X_val=V, y_val=y_val)
+    grid = [1e-6, 1e-2, 1e5]
+    sweep = sweep_logreg(make_folds(data, 3, 0), {"C": grid[::-1]}, None)
+    assert sweep.settings == [{"C": C} for C in grid]
+    for C, score in zip(grid, sweep.scores):
+        cold = np.mean(LogisticRegressionHead(C=C).fit(X, y).predict(V) == y_val)
+        assert score == pytest.approx(cold, abs=0.02), C
+    assert sweep.train_accuracies[2] == 1.0
+    assert sweep.scores[1] > sweep.scores[2]
+
+
+def test_final_logreg_refits_on_train_and_val():
+    data = tap_data(with_val=True)
+    sweep = sweep_logreg(make_folds(data, 3, 0), {"C": [1.0]}, None)
+    head, refit_on = final_fit("logreg", {"C": 1.0}, sweep, data, {"class_weight": None}, seed=0)
+    assert refit_on == "train+val"
+    assert head.pipeline_[-1].n_features_in_ == 4
+    assert head.pipeline_[0].n_samples_seen_ == 90
+
+
+@pytest.mark.slow
+def test_torch_refit_without_val_epochs():
+    from stages.evaluation import sweep_head
+    from pipeline.settings import HeadSettings
+
+    data = tap_data(with_val=False)
+    settings = HeadSettings(heads=("mlp",), cv_folds=2)
+    sweep = sweep_head("mlp", data, settings)
+    head, refit_on = final_fit("mlp", sweep.settings[sweep.best()], sweep, data, {"class_weight": None}, seed=0)
+    assert refit_on == f"train ({head.epochs} epochs)"
+    assert head.epochs == int(round(sweep.best_epochs[sweep.best()])) + 1
