@@ -312,6 +312,7 @@ def run_finetune(settings: FinetuneSettings) -> dict[str, Any]:
         "selected": {"epoch": best_epoch + 1, "lr": settings.lr, "augment": settings.augment},
         "select_split": select_split,
         "train_accuracy": float(accuracy_score(train_truth, train_predicted)),
+        "select_accuracy": best_score,
         "val_accuracy": best_score,
         "eval_split": eval_split,
         "accuracy": float(accuracy_score(eval_truth, eval_predicted)),

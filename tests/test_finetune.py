@@ -133,7 +133,7 @@ def test_run_finetune_reuses_store_split(colour_folder, tmp_path):
         dataset=DatasetSettings(source=str(colour_folder)), backbone="test_efficientnet", weights="random",
         workers=0, device="cpu", output_root=str(tmp_path / "features"),
     ))
-    run_heads(HeadSettings(store=str(extraction.folder), heads=("logreg",), output_root=str(tmp_path / "results")))
+    run_heads(HeadSettings(store=str(extraction.folder), heads=("logreg",), controls=(), output_root=str(tmp_path / "results")))
     run_finetune(FinetuneSettings(
         store=str(extraction.folder), unfreeze="all", epochs=1, batch_size=8, workers=0, device="cpu",
         output_root=str(tmp_path / "results"),
