@@ -51,7 +51,7 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of each class for val without split folders")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="share of each class for test without split folders")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the stratified split")
-    parser.add_argument("--output", default="data/features", help="folder that holds the stores")
+    parser.add_argument("--output", default="data/features", help="folder of the feature stores")
     parser.add_argument("--name", default=None, help="store folder name (default: dataset-backbone-key)")
     parser.add_argument("--offline", action="store_true", help="never download weights")
     parser.add_argument("--force", action="store_true", help="rebuild the store even on a cache hit")
@@ -107,7 +107,7 @@ def add_heads_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--head-taps", type=_comma_list, default=(), help="taps to train on (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of head training")
-    parser.add_argument("--results", default="data/results", help="folder that holds the results")
+    parser.add_argument("--results", default="data/results", help="folder of the head results")
     parser.add_argument("--seeds", type=int, default=1, help="trainings per selected setting; results give mean and 95%% CI")
     parser.add_argument("--class-weight", default=None, choices=["balanced"], help="weight classes by inverse frequency")
     parser.add_argument(

@@ -99,7 +99,7 @@ def scan_folder(root: Path, settings: DatasetSettings) -> Dataset:
     if "train" in split_dirs:
         class_names = [folder.name for folder in class_folders(split_dirs["train"])]
         if not class_names:
-            raise ValueError(f"{split_dirs['train']} holds no class folders: put each class's images in its own folder.")
+            raise ValueError(f"{split_dirs['train']} contains no class folders: put each class's images in its own folder.")
         index = {name: position for position, name in enumerate(class_names)}
         samples = []
         for split, split_dir in split_dirs.items():
@@ -117,7 +117,7 @@ def scan_folder(root: Path, settings: DatasetSettings) -> Dataset:
     else:
         folders = class_folders(root)
         if not folders:
-            raise ValueError(f"{root} holds no class folders: put each class's images in its own folder.")
+            raise ValueError(f"{root} contains no class folders: put each class's images in its own folder.")
         class_names = [folder.name for folder in folders]
         samples = []
         for label, folder in enumerate(folders):

@@ -91,7 +91,7 @@ class ExtractSettings:
     workers: int = field(default_factory=default_workers)
     # "cpu", "cuda", "cuda:N" or "auto" (a GPU when there is one).
     device: str = "auto"
-    # Folder that holds the feature stores.
+    # Folder of the feature stores.
     output_root: str = str(DATA_ROOT / "features")
     # Store folder name; by default derived from the dataset, backbone and cache key.
     name: str | None = None
@@ -164,7 +164,7 @@ class HeadSettings:
     taps: tuple[str, ...] = ()
     # Seed of head initialization and batch order.
     seed: int = 0
-    # Folder that holds the results of each store.
+    # Folder of the head results, one subfolder per store.
     output_root: str = str(DATA_ROOT / "results")
     # "cpu", "cuda" or "auto" for the torch heads.
     device: str = "cpu"
