@@ -37,10 +37,10 @@ taps: $(INSTALLED)
 	$(FEATCACHE) taps $(BACKBONE)
 
 inspect: $(INSTALLED)
-	$(FEATCACHE) inspect $(STORE)
+	$(FEATCACHE) inspect $(if $(STORE),$(STORE),$(error inspect needs STORE=path/to/store))
 
 verify: $(INSTALLED)
-	$(FEATCACHE) verify $(STORE)
+	$(FEATCACHE) verify $(if $(STORE),$(STORE),$(error verify needs STORE=path/to/store))
 
 bench: $(INSTALLED)
 	$(FEATCACHE) bench --data $(DATA) $(if $(BACKBONES),--backbones $(BACKBONES)) $(EXTRA)

@@ -204,7 +204,7 @@ def command_verify(args: argparse.Namespace) -> int:
     for problem in problems:
         logger.error("%s", problem)
     if problems:
-        print(f"{args.store}: {len(problems)} problems")
+        print(f"{args.store}: {len(problems)} problem{'s' if len(problems) != 1 else ''} found")
         return 1
     print(f"{args.store}: every shard matches the manifest")
     return 0
@@ -293,7 +293,10 @@ def command_finetune(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="featcache", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="featcache",
+        description="Cache frozen-backbone features of an image dataset once (stage one), then train many heads on them (stage two).",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -117,8 +117,8 @@ def _similarity_from_taps(evidence: Evidence, reasons: list[str]) -> tuple[str |
     """Return (verdict, best earlier tap) from the tap profile; the verdict is None without a clear winner."""
     if len(evidence.tap_scores) < 2:
         reasons.append(
-            f"tap profile: not available, because {len(evidence.tap_scores)} of the store's taps have "
-            "stage-two results and the profile needs at least two"
+            f"tap profile: not available, because stage-two results exist for {len(evidence.tap_scores)} "
+            "of the store's taps and the profile needs at least two"
         )
         return None, None
     *earlier, last = list(evidence.tap_scores)

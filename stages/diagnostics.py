@@ -20,8 +20,10 @@ def negative_transfer(results: list[dict[str, Any]]) -> list[str]:
     warnings = []
     for control in controls:
         if best["ci_low"] <= control["accuracy"]:
+            # below the control is negative transfer; within the interval it is no clear gain
+            label = "negative transfer" if best["accuracy"] < control["accuracy"] else "no clear transfer gain"
             warnings.append(
-                f"negative transfer: the best pretrained head ({best['head']} on {best['tap']}, accuracy "
+                f"{label}: the best pretrained head ({best['head']} on {best['tap']}, accuracy "
                 f"{best['accuracy']:.3f}, 95% CI [{best['ci_low']:.3f}, {best['ci_high']:.3f}]) does not beat the "
                 f"{control['control']} control ({control['head']} on {control['tap']}, accuracy {control['accuracy']:.3f}) "
                 "beyond its confidence interval."

@@ -200,10 +200,13 @@ def _run_extraction(settings: ExtractSettings, context: DistributedContext) -> E
                 return ExtractionResult(folder, True, 0, len(existing.get("skipped", [])), time.perf_counter() - started)
         provenance = backbone.provenance()
 
-    # an unusable device or precision fails here, before any store folder is touched
+    # an unusable device, precision or tap fails here, before any store folder is touched
     from pipeline.backbones import resolve_device
+    from pipeline.taps import resolve_tap_module
 
     check_amp(settings.amp, resolve_device(settings.device))
+    for tap in settings.taps:
+        resolve_tap_module(backbone, tap)
 
     context.barrier()  # every rank has read the old manifest before rank 0 changes the store
 

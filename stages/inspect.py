@@ -126,7 +126,7 @@ def inspect_store(folder: str | Path) -> str:
     lines = [
         f"store        {folder} ({status})",
         f"key          {manifest['key']}",
-        f"dataset      {manifest.get('dataset_root')} (split from {manifest.get('split_source')}), {planned} files",
+        f"dataset      {manifest.get('dataset_root')} (split: {'split folders' if manifest.get('split_source') == 'folders' else 'seeded stratified'}), {planned} files",
         f"backbone     {provenance.get('backbone')} ({provenance.get('family')}), weights {provenance.get('weights')}",
         f"weights sha  {provenance.get('weights_sha256')}",
         f"preprocess   {_describe_preprocessing(provenance.get('preprocessing') or {})}",

@@ -112,3 +112,9 @@ def test_invalid_dtype_rejected_by_parser(in_tmp, colour_folder):
 def test_invalid_batch_size_rejected(in_tmp, colour_folder, caplog):
     assert main(["extract", "--data", str(colour_folder), "--offline", "--batch-size", "-1"]) == 2
     assert "batch_size=-1" in caplog.text
+
+
+def test_unknown_tap_leaves_no_store(in_tmp, colour_folder):
+    assert main(["extract", "--data", str(colour_folder), "--taps", "blocks.99", "--workers", "0", "--offline"]) == 2
+    features = in_tmp / "data" / "features"
+    assert not features.exists() or not any(features.glob("*/manifest.json"))

@@ -11,10 +11,17 @@ def result(head: str, accuracy: float, control: str | None = None, ci: float = 0
             "ci_high": accuracy + ci, "train_accuracy": train, "select_accuracy": select, "select_split": "val"}
 
 
-def test_negative_transfer_when_control_within_interval():
+def test_no_clear_gain_when_control_within_interval():
     warnings = negative_transfer([result("logreg", 0.80), result("logreg", 0.77, control="pixels")])
     assert len(warnings) == 1
+    assert warnings[0].startswith("no clear transfer gain")
     assert "pixels control" in warnings[0]
+
+
+def test_negative_transfer_when_control_is_better():
+    warnings = negative_transfer([result("logreg", 0.80), result("logreg", 0.84, control="pixels")])
+    assert len(warnings) == 1
+    assert warnings[0].startswith("negative transfer")
 
 
 def test_no_negative_transfer_beyond_interval():

@@ -118,7 +118,7 @@ def test_cli_verify_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     (folder / "shards" / "shard-00001.h5").unlink()
     assert main(["verify", str(folder)]) == 1
     assert main(["verify", str(tmp_path / "absent")]) == 2
-    assert "1 problems" in capsys.readouterr().out
+    assert "1 problem found" in capsys.readouterr().out
 
 
 def test_cli_inspect_prints_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

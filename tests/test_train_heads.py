@@ -131,7 +131,7 @@ def test_warnings_for_imbalance_and_negative_transfer(tmp_path):
     run_heads(HeadSettings(store=str(store), heads=("logreg",), controls=("majority",), output_root=str(tmp_path / "out")))
     warnings = json.loads((tmp_path / "out" / "store" / "results.json").read_text())["warnings"]
     assert any(warning.startswith("class imbalance") for warning in warnings)
-    assert any(warning.startswith("negative transfer") for warning in warnings)
+    assert any(warning.startswith(("negative transfer", "no clear transfer gain")) for warning in warnings)
 
 
 def test_tiny_memory_budget_streams_linear_head(store_folder, tmp_path):
