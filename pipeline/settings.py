@@ -32,7 +32,7 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class DatasetSettings:
-    """Where the images come from and how they are split."""
+    """The image source and its split."""
 
     # A class-per-folder directory, a CSV manifest, or the name of an embedded dataset ("digits").
     source: str = "digits"

@@ -10,7 +10,7 @@ Layout of a store folder::
     ranks/rank-00001.json  during a distributed run: the shards one rank has written (pipeline.rank_records)
     store.h5               optional: one HDF5 virtual dataset view of all shards (pipeline.virtual)
 
-Shard ``k`` holds the samples whose dataset index lies in ``[k * shard_size, (k + 1) * shard_size)``
+Shard ``k`` contains the samples whose dataset index lies in ``[k * shard_size, (k + 1) * shard_size)``
 (fewer when some failed to decode). Each shard is written under a temporary name, flushed,
 fsynced and renamed into place; only then is it added to the manifest, which is itself replaced
 atomically. A reader therefore never sees a partial shard, and an interrupted run resumes from
@@ -347,7 +347,7 @@ class FeatureStore:
     def features(self, tap: str) -> np.ndarray:
         """Return the (N, D) features of every stored sample for one tap, in dataset order."""
         if tap not in self.taps:
-            raise KeyError(f"Tap {tap!r} is not in store {self.name}: it holds {list(self.taps)}.")
+            raise KeyError(f"Tap {tap!r} is not in store {self.name}: use one of its taps {list(self.taps)}.")
         if tap not in self._features:
             blocks = []
             for path in self.shard_paths():

@@ -163,8 +163,8 @@ def assemble(head_name: str, tap: str, control: str | None, sweep: Sweep, select
         "selection": sweep.table(),
         "select_split": select_split,
         "select_accuracy": sweep.scores[best],
-        # the same score under the name other readers of results.json use; select_split says whether
-        # it is val accuracy or cross-validated accuracy inside train
+        # The same score under the name that other readers of results.json use. select_split tells
+        # whether it is val accuracy or cross-validated accuracy inside train.
         "val_accuracy": sweep.scores[best],
         "train_accuracy": sweep.train_accuracies[best],
         "refit_on": refit_on,

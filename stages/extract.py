@@ -50,7 +50,7 @@ VERSIONED_PACKAGES = ("torch", "torchvision", "timm", "h5py", "numpy", "scikit-l
 
 @dataclass
 class ExtractionResult:
-    """What one call of stage one produced."""
+    """The outcome of one call of stage one."""
 
     folder: Path
     cache_hit: bool
@@ -226,7 +226,7 @@ def _run_extraction(settings: ExtractSettings, context: DistributedContext) -> E
     extracted, tap_dims = _extract_pending(replace(settings, device=context.device), dataset, backbone, writer)
     loop_seconds = time.perf_counter() - loop_started
 
-    # a rank sees only its own shards until the records are merged, so ranks check after the merge
+    # a rank's manifest lists only its own shards until the records are merged, so ranks check after the merge
     if not context.is_distributed:
         _check_any_stored(writer, dataset)
     taps = tap_dims or writer.manifest.get("taps") or {}
