@@ -28,6 +28,13 @@ def _comma_list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
+def add_split_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of the seeded split, used when a dataset has no split folders."""
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of each class for val without split folders")
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="share of each class for test without split folders")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the stratified split")
+
+
 def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="digits", help="class-per-folder directory, CSV manifest, or 'digits'")
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="embedded, torchvision or timm model name")
@@ -48,9 +55,7 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--shard-size", type=int, default=1024, help="samples per HDF5 shard")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of each class for val without split folders")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="share of each class for test without split folders")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the stratified split")
+    add_split_arguments(parser)
     parser.add_argument("--output", default="data/features", help="folder of the feature stores")
     parser.add_argument("--name", default=None, help="store folder name (default: dataset-backbone-key)")
     parser.add_argument("--offline", action="store_true", help="never download weights")
@@ -224,9 +229,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=0, help="images per forward pass (0: 32 on CPU, 128 on CUDA)")
     parser.add_argument("--workers", type=int, default=default_workers(), help="data-loading worker processes")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of each class for val without split folders")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="share of each class for test without split folders")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the stratified split")
+    add_split_arguments(parser)
     parser.add_argument("--features", default="data/features", help="folder of the feature stores")
     parser.add_argument("--results", default="data/results", help="folder of the head results")
     parser.add_argument("--output", default="data/bench", help="folder for the leaderboard files and timings")
@@ -342,9 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--data", default=None, help="class-per-folder directory or 'digits', when no store is given")
     finetune.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone, when no store is given")
     finetune.add_argument("--weights", default="default", help="weights, when no store is given")
-    finetune.add_argument("--val-fraction", type=float, default=0.2, help="share of each class for val without split folders")
-    finetune.add_argument("--test-fraction", type=float, default=0.2, help="share of each class for test without split folders")
-    finetune.add_argument("--split-seed", type=int, default=0, help="seed of the stratified split")
+    add_split_arguments(finetune)
     finetune.add_argument("--unfreeze", default="1", help="blocks to train, counted from the top (1, 2, ...), or 'all'")
     finetune.add_argument("--from-scratch", action="store_true", help="start from random weights and train every layer")
     finetune.add_argument("--augment", default="light", help="augmentation policy: none, flip, light or standard")

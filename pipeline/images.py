@@ -165,7 +165,7 @@ class LoadedBatch:
 
 
 class ImageFileDataset(torch.utils.data.Dataset):
-    """Map-style dataset over samples that never raises on a bad file: it returns the error."""
+    """Map-style dataset over samples that returns the decode error of an unreadable file instead of raising it."""
 
     def __init__(
         self,

@@ -163,7 +163,7 @@ def assemble(head_name: str, tap: str, control: str | None, sweep: Sweep, select
         "selection": sweep.table(),
         "select_split": select_split,
         "select_accuracy": sweep.scores[best],
-        # The same score under the name that other readers of results.json use. select_split tells
+        # The same score under the name that other readers of results.json use. select_split names
         # whether it is val accuracy or cross-validated accuracy inside train.
         "val_accuracy": sweep.scores[best],
         "train_accuracy": sweep.train_accuracies[best],
