@@ -19,12 +19,14 @@ from torchvision.transforms import v2 as T
 
 from pipeline.backbones import Preprocessing
 from pipeline.datasets import Sample
-from pipeline.images import LoadedItem, UnreadableImageError, build_transform, decode_image
+from pipeline.images import LoadedItem, UnreadableImageError, build_geometry, decode_image
 from pipeline.settings import DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.policies import DETERMINISTIC_VIEW, POLICIES, AugmentPolicy, augmentation_key, get_policy  # noqa: F401
 
-def build_augment_transform(preprocessing: Preprocessing, policy: AugmentPolicy) -> T.Compose:
+def build_augment_transform(preprocessing: Preprocessing, policy: AugmentPolicy, normalize: bool = True) -> T.Compose:
     """Build the training transform of a policy, ending in the normalization the weights expect.
+
+    With ``normalize=False`` it ends at the uint8 crop, for batches that ``normalize_batch`` normalizes.
 
     The "flip" policy keeps the evaluation resize and center crop, so its views differ from
     view 0 only by the flip.
@@ -45,7 +47,8 @@ def build_augment_transform(preprocessing: Preprocessing, policy: AugmentPolicy)
     steps = [T.PILToTensor(), *geometry, T.RandomHorizontalFlip(policy.flip_probability)]
     if any((policy.brightness, policy.contrast, policy.saturation, policy.hue)):
         steps.append(T.ColorJitter(policy.brightness, policy.contrast, policy.saturation, policy.hue))
-    steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(preprocessing.mean), std=list(preprocessing.std))]
+    if normalize:
+        steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(preprocessing.mean), std=list(preprocessing.std))]
     return T.Compose(steps)
 
 
@@ -95,8 +98,9 @@ class ViewDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.max_pixels = max_pixels
         self.draft_size = draft_size
-        self.evaluation = build_transform(preprocessing)
-        self.augmentation = build_augment_transform(preprocessing, policy) if policy else None
+        # uint8 crops: the main process normalizes whole batches (normalize_batch)
+        self.evaluation = build_geometry(preprocessing)
+        self.augmentation = build_augment_transform(preprocessing, policy, normalize=False) if policy else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -128,7 +132,7 @@ def view_rows(samples: list[Sample], indices: list[int], views: int) -> list[tup
 class ViewBatch:
     """The decoded views of one batch, in row order, and the rows whose file failed."""
 
-    images: torch.Tensor | None  # (B, 3, H, W), None when every row of the batch failed
+    images: torch.Tensor | None  # (B, 3, H, W) uint8, None when every row of the batch failed
     rows: list[tuple[int, int]]  # (index, view) of each image
     modes: list[str]
     orientations: list[int]

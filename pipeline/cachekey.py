@@ -16,7 +16,8 @@ from pipeline.store import file_sha256
 
 # Bump when the stored bytes change for the same inputs, so that old stores are not reused.
 # Version 2: batches never cross shard boundaries, and very elongated images are padded before resizing.
-KEY_VERSION = 2
+# Version 3: batches are normalized after the workers (from uint8), and the forward pass settings are keyed.
+KEY_VERSION = 3
 
 
 def dataset_fingerprint(dataset: Dataset, content_hash: bool = False) -> str:
@@ -57,6 +58,8 @@ def key_fields(settings: ExtractSettings, dataset: Dataset, provenance: dict[str
         "max_image_pixels": settings.max_image_pixels,
         "augmentation": augmentation_key(settings.views, settings.augment, settings.view_seed),
         "amp": settings.amp,
+        "channels_last": settings.channels_last,
+        "fold_batchnorm": settings.fold_batchnorm,
         "draft": settings.draft,
     }
 

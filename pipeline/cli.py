@@ -70,7 +70,14 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
         help="key the store by the bytes of every file instead of their sizes and modification times",
     )
     parser.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="mixed precision of the forward pass (fp16: CUDA only)")
-    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format for backbone and batches")
+    parser.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=True,
+        help="channels-last memory format for backbone and batches (default: on)",
+    )
+    parser.add_argument(
+        "--fold-batchnorm", action=argparse.BooleanOptionalAction, default=True,
+        help="fold each batch norm into the convolution before it (default: on)",
+    )
     parser.add_argument("--compile", action="store_true", help="compile the backbone with torch.compile")
     parser.add_argument("--no-draft", dest="draft", action="store_false", help="decode JPEGs at full size (no draft mode)")
 
@@ -100,6 +107,7 @@ def extract_settings_from(args: argparse.Namespace) -> ExtractSettings:
         max_image_pixels=args.max_image_pixels,
         amp=args.amp,
         channels_last=args.channels_last,
+        fold_batchnorm=args.fold_batchnorm,
         compile=args.compile,
         draft=args.draft,
     )

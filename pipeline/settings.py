@@ -97,8 +97,11 @@ class ExtractSettings:
     name: str | None = None
     # Mixed precision of the forward pass: "none" (float32), "bf16", or "fp16" (CUDA only); part of the cache key.
     amp: str = "none"
-    # Run the backbone and its input batches in channels-last memory format (faster convolutions on GPUs).
-    channels_last: bool = False
+    # Run the backbone and its input batches in channels-last memory format: faster convolutions on
+    # CPUs (oneDNN) and on GPUs; part of the cache key, because float rounding differs.
+    channels_last: bool = True
+    # Fold each batch norm into the convolution before it (pipeline.folding); part of the cache key.
+    fold_batchnorm: bool = True
     # Compile the backbone with torch.compile; the first batch then includes the compile time.
     compile: bool = False
     # Decode JPEGs at a reduced size no smaller than the resize target (Pillow draft mode); part of the cache key.

@@ -39,6 +39,8 @@ from pipeline.store import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
     from pipeline.backbones import Backbone
 
 logger = logging.getLogger(__name__)
@@ -249,6 +251,26 @@ def _run_extraction(settings: ExtractSettings, context: DistributedContext) -> E
     return ExtractionResult(folder, False, extracted, skipped, seconds, loop_seconds)
 
 
+def prepare_backbone(backbone: "Backbone", settings: ExtractSettings, device: "torch.device") -> None:
+    """Get a frozen backbone ready for stage one's forward passes, in place.
+
+    Moves it to the device, folds its batch norms into their convolutions (``settings.fold_batchnorm``),
+    then applies channels-last and ``torch.compile`` as the settings ask.
+    """
+    import torch
+
+    from pipeline.folding import fold_backbone
+
+    backbone.model.to(device)
+    if settings.fold_batchnorm:
+        crop = backbone.preprocessing.crop_size
+        sample = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0)).to(device)
+        report = fold_backbone(backbone, list(settings.taps), sample)
+        if not report.folded:
+            logger.info("No batch norm folded into %s: %s.", backbone.name, report.reason)
+    prepare_model(backbone.model, device, settings.channels_last, settings.compile)
+
+
 def shard_batches(rows: list[tuple[int, int]], shard_size: int, batch_size: int) -> list[list[int]]:
     """Split (index, view) rows into batches of row positions that never cross a shard boundary.
 
@@ -276,6 +298,7 @@ def _extract_pending(
 
     from pipeline.augment import DETERMINISTIC_VIEW, ViewDataset, collate_views, get_policy, view_rows
     from pipeline.backbones import resolve_device
+    from pipeline.images import normalize_batch
     from pipeline.taps import TapExtractor
 
     shard_size = int(writer.manifest["shard_size"])
@@ -293,7 +316,7 @@ def _extract_pending(
     batches = shard_batches(rows, shard_size, settings.batch_size or default_batch_size(device))
 
     check_amp(settings.amp, device)
-    prepare_model(backbone.model, device, settings.channels_last, settings.compile)
+    prepare_backbone(backbone, settings, device)
     extractor = TapExtractor(backbone, settings.taps, settings.pooling, settings.max_flatten_dim)
     policy = get_policy(settings.augment) if settings.views else None
     draft_size = backbone.preprocessing.resize_size if settings.draft else None
@@ -330,7 +353,8 @@ def _extract_pending(
             outputs: dict[str, np.ndarray] = {}
             if batch.images is not None:
                 with autocast_context(settings.amp, device):
-                    tapped = extractor(to_device(batch.images, device, settings.channels_last))
+                    images = to_device(batch.images, device, settings.channels_last)  # uint8
+                    tapped = extractor(normalize_batch(images, backbone.preprocessing))
                 outputs = {tap: value.float().cpu().numpy() for tap, value in tapped.items()}  # tap -> (B, D)
                 tap_dims = {tap: int(value.shape[1]) for tap, value in outputs.items()}
 

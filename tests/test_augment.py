@@ -20,7 +20,7 @@ from pipeline.augment import (
 )
 from pipeline.backbones import IMAGENET_DEFAULT
 from pipeline.datasets import DatasetSettings, load_dataset
-from pipeline.images import build_transform, load_image
+from pipeline.images import build_transform, load_image, normalize_batch
 from pipeline.settings import ExtractSettings, SettingsError
 from pipeline.store import FeatureStore
 from stages.extract import run_extraction
@@ -49,7 +49,9 @@ def test_view_zero_is_the_evaluation_transform(colour_folder):
     dataset = colour_dataset(colour_folder)
     views = ViewDataset(dataset.root, dataset.samples, SMALL, [(0, 0)], POLICIES["standard"], seed=0)
     expected = build_transform(SMALL)(load_image(dataset.root / dataset.samples[0].path))
-    assert torch.equal(views[0].image, expected)
+    image = views[0].image
+    assert image.dtype == torch.uint8  # workers send 8-bit crops; the main process normalizes batches
+    assert torch.allclose(normalize_batch(image[None], SMALL)[0], expected, atol=1e-6)
 
 
 def test_augmented_view_is_reproducible_and_order_free(colour_folder):
@@ -87,6 +89,20 @@ def test_policy_output_shape_and_type(name, colour_folder):
     output = build_augment_transform(SMALL, POLICIES[name])(image)
     assert output.shape == (3, 32, 32)
     assert output.dtype == torch.float32
+
+
+def test_unnormalized_policy_ends_at_the_uint8_crop(colour_folder):
+    dataset = colour_dataset(colour_folder)
+    image = load_image(dataset.root / dataset.samples[0].path)
+    policy = POLICIES["standard"]
+    crop = build_augment_transform(SMALL, policy, normalize=False)
+    full = build_augment_transform(SMALL, policy)
+    torch.manual_seed(5)
+    raw = crop(image)
+    torch.manual_seed(5)
+    normalized = full(image)
+    assert raw.dtype == torch.uint8
+    assert torch.allclose(normalize_batch(raw[None], SMALL)[0], normalized, atol=1e-6)
 
 
 def test_flip_policy_only_mirrors_view_zero(colour_folder):
