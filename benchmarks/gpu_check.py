@@ -23,10 +23,10 @@ from PIL import Image
 
 from benchmarks.common import Timer, add_common_arguments, configure_logging, describe_machine
 from pipeline.backbones import build_backbone
-from pipeline.devices import autocast_context, check_amp, default_batch_size, prepare_model, to_device
+from pipeline.devices import autocast_context, check_amp, default_batch_size, to_device
 from pipeline.settings import DatasetSettings, ExtractSettings
 from pipeline.taps import TapExtractor
-from stages.extract import run_extraction
+from stages.extract import prepare_backbone, run_extraction
 
 TAP = "pre_logits"
 
@@ -84,9 +84,9 @@ def main() -> int:
     accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else "none (CPU run)"
     print(f"machine: {describe_machine()}, GPU {accelerator}")
 
-    # forward only, per precision, channels-last on
+    # forward only, per precision, with the backbone prepared as stage one runs it (folded, channels-last)
     backbone = build_backbone(args.backbone, args.weights)
-    prepare_model(backbone.model, device, channels_last=True, compile_model=False)
+    prepare_backbone(backbone, ExtractSettings(taps=(TAP,), device=args.device), device)
     extractor = TapExtractor(backbone, [TAP])
     size = backbone.preprocessing.crop_size
     batch_size = default_batch_size(device)

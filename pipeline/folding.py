@@ -9,12 +9,11 @@ gives the same ``y`` in one pass instead of two. The features change only by flo
 Pairs are found by tracing the model with ``torch.fx``, with every convolution and batch norm
 kept as one call, so that a convolution whose output also feeds a residual sum is left alone.
 A model that cannot be traced is left unchanged. After folding, the taps' outputs are compared
-with the unfolded model on a random batch, and the model is restored when they differ.
+with the unfolded model's on a random image, and the folding is undone when they differ.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -38,6 +37,8 @@ class FoldReport:
 
     folded: list[tuple[str, str]] = field(default_factory=list)  # (convolution, batch norm) module names
     reason: str = ""  # why nothing was folded, empty when pairs were folded
+    # per folded pair: the convolution's weight and bias before folding, and the batch norm module
+    undo: list[tuple[torch.Tensor, torch.Tensor | None, nn.Module]] = field(default_factory=list, repr=False)
 
 
 class NormActivation(nn.Module):
@@ -130,6 +131,8 @@ def fold_batchnorm(model: nn.Module, keep: set[str] = frozenset()) -> FoldReport
         replacement = _replacement(norm)
         if conv_name in keep or replacement is None or norm.running_mean is None:
             continue
+        bias = None if conv.bias is None else conv.bias.detach().clone()
+        report.undo.append((conv.weight.detach().clone(), bias, norm))
         fold_pair(conv, norm)
         _set_module(model, norm_name, replacement)
         report.folded.append((conv_name, norm_name))
@@ -138,16 +141,28 @@ def fold_batchnorm(model: nn.Module, keep: set[str] = frozenset()) -> FoldReport
     return report
 
 
+def unfold_batchnorm(model: nn.Module, report: FoldReport) -> None:
+    """Undo ``fold_batchnorm``: put back the convolutions' weights and biases and the batch norm modules."""
+    with torch.no_grad():
+        for (conv_name, norm_name), (weight, bias, norm) in zip(report.folded, report.undo):
+            conv = model.get_submodule(conv_name)
+            conv.weight.copy_(weight)
+            if bias is None:
+                conv.register_parameter("bias", None)
+            else:
+                conv.bias.copy_(bias)
+            _set_module(model, norm_name, norm)
+
+
 def fold_backbone(backbone: "Backbone", taps: list[str], sample: torch.Tensor) -> FoldReport:
     """Fold the batch norms of a frozen backbone in place, and check the taps' outputs on ``sample``.
 
     ``sample`` is a small batch on the model's device. When a tap's output moves by more than
-    FOLD_TOLERANCE, the unfolded model is put back and the report says why.
+    FOLD_TOLERANCE, the folding is undone and the report says why.
     """
     from pipeline.taps import TapExtractor
 
     model = backbone.model
-    original = copy.deepcopy(model)
     with torch.inference_mode():
         before = TapExtractor(backbone, taps, "avg")(sample)
     report = fold_batchnorm(model, keep=set(taps))
@@ -158,7 +173,7 @@ def fold_backbone(backbone: "Backbone", taps: list[str], sample: torch.Tensor) -
     for tap in taps:
         difference = float(torch.linalg.vector_norm(after[tap] - before[tap]) / torch.linalg.vector_norm(before[tap]).clamp_min(1e-12))
         if not difference <= FOLD_TOLERANCE:
-            backbone.model = original
+            unfold_batchnorm(model, report)
             logger.warning(
                 "Folding batch norms changed tap %s by %.2g (relative L2), so the backbone runs unfolded.", tap, difference
             )

@@ -264,7 +264,7 @@ def prepare_backbone(backbone: "Backbone", settings: ExtractSettings, device: "t
     backbone.model.to(device)
     if settings.fold_batchnorm:
         crop = backbone.preprocessing.crop_size
-        sample = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0)).to(device)
+        sample = torch.randn(1, 3, crop, crop, generator=torch.Generator().manual_seed(0)).to(device)
         report = fold_backbone(backbone, list(settings.taps), sample)
         if not report.folded:
             logger.info("No batch norm folded into %s: %s.", backbone.name, report.reason)
@@ -316,8 +316,6 @@ def _extract_pending(
     batches = shard_batches(rows, shard_size, settings.batch_size or default_batch_size(device))
 
     check_amp(settings.amp, device)
-    prepare_backbone(backbone, settings, device)
-    extractor = TapExtractor(backbone, settings.taps, settings.pooling, settings.max_flatten_dim)
     policy = get_policy(settings.augment) if settings.views else None
     draft_size = backbone.preprocessing.resize_size if settings.draft else None
     # The loader's workers start here, while no HDF5 file is open: shards are opened only inside
@@ -332,6 +330,10 @@ def _extract_pending(
         collate_fn=collate_views,
         pin_memory=device.type == "cuda",
     )
+    # The workers start decoding the first batches while the backbone is folded and moved.
+    batch_iterator = iter(loader)
+    prepare_backbone(backbone, settings, device)
+    extractor = TapExtractor(backbone, settings.taps, settings.pooling, settings.max_flatten_dim)
     logger.info(
         "Extracting %d of %d images (%d rows with %d augmented views per training image; %d of %d shards pending) "
         "with %s on %s",
@@ -349,7 +351,7 @@ def _extract_pending(
     # shards are written by a background thread, so HDF5 writes overlap with the next forward passes
     progress = tqdm(total=len(rows), unit="view", desc=f"extract {backbone.name}", dynamic_ncols=True)
     with BackgroundWriter() as background, progress:
-        for batch in loader:
+        for batch in batch_iterator:
             outputs: dict[str, np.ndarray] = {}
             if batch.images is not None:
                 with autocast_context(settings.amp, device):
