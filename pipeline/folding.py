@@ -158,7 +158,7 @@ def fold_backbone(backbone: "Backbone", taps: list[str], sample: torch.Tensor) -
     """Fold the batch norms of a frozen backbone in place, and check the taps' outputs on ``sample``.
 
     ``sample`` is a small batch on the model's device. When a tap's output moves by more than
-    FOLD_TOLERANCE, the folding is undone and the report says why.
+    FOLD_TOLERANCE, the folding is undone and the report gives the reason.
     """
     from pipeline.taps import TapExtractor
 

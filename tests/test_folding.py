@@ -144,7 +144,7 @@ def test_fold_backbone_restores_the_model_when_taps_move(monkeypatch):
     with torch.inference_mode():
         before = TapExtractor(backbone, ["pre_logits"])(images)
 
-    def wrong_fold(conv, norm):  # a fold that forgets the batch norm's shift
+    def wrong_fold(conv, norm):  # a wrong fold: it scales the weights and drops the batch norm's shift
         with torch.no_grad():
             conv.weight.mul_(2.0)
 
