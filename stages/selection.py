@@ -188,6 +188,27 @@ def sweep_torch(head_class: type, folds: list[Fold], space: dict[str, list], fix
                  fitted if len(folds) == 1 else None)
 
 
+def sweep_mlp_grid(folds: list[Fold], space: dict[str, list], fixed: dict[str, Any]) -> Sweep:
+    """Train the lr x weight decay grid of MLP heads as one batched computation per fold, on the CPU."""
+    from stages.batched_mlp import MLPSetting, train_mlp_grid
+
+    settings = parameter_grid(space)
+    grid = [MLPSetting(setting["lr"], setting["weight_decay"]) for setting in settings]
+    options = {name: value for name, value in fixed.items() if name != "device"}
+    scores = np.zeros((len(folds), len(settings)))
+    train_scores = np.zeros_like(scores)
+    epochs = np.zeros_like(scores)
+    fitted: list[Any] = []
+    for row, fold in enumerate(folds):
+        fitted = train_mlp_grid(fold.X_train, fold.y_train, grid, fold.X_select, fold.y_select, **options)
+        for column, head in enumerate(fitted):
+            scores[row, column] = np.mean(head.predict(fold.X_select) == fold.y_select)
+            train_scores[row, column] = np.mean(head.predict(fold.X_train) == fold.y_train)
+            epochs[row, column] = head.best_epoch_
+    return Sweep(settings, scores.mean(axis=0).tolist(), train_scores.mean(axis=0).tolist(), epochs.mean(axis=0).tolist(),
+                 fitted if len(folds) == 1 else None)
+
+
 def sweep_linear_grid(datas: list[TapData], folds_by_tap: dict[str, list[Fold]], space: dict[str, list],
                       fixed: dict[str, Any]) -> dict[str, Sweep]:
     """Train the lr x weight decay x tap grid of linear heads as one batched computation per fold."""
