@@ -182,9 +182,10 @@ class HeadSettings:
     cv_folds: int = 3
     # Side in pixels of the downscaled images of the pixels control.
     pixel_size: int = 16
-    # torch and BLAS CPU threads while heads train. The MLP and kNN sweeps are large matrix
-    # products: 2 threads ran the kNN sweep of cifar10-small features 1.5 times faster than 1 on a
-    # 2-core CPU. When other jobs keep the cores busy, 1 thread avoids synchronization stalls.
+    # torch CPU threads while heads train (numpy and scikit-learn keep one BLAS thread). The MLP
+    # and kNN sweeps are large matrix products: 2 threads ran the kNN sweep of cifar10-small
+    # features 1.5 times faster than 1 on a 2-core CPU. When other jobs keep the cores busy,
+    # 1 thread avoids synchronization stalls.
     threads: int = 2
     # Epochs without a better selection accuracy before a linear or MLP head stops training.
     patience: int = 5

@@ -110,11 +110,12 @@ def run_heads(settings: HeadSettings, features_root: Path = Path("data/features"
 
         from stages.training import train_units
 
-        # torch's thread pool and the BLAS and OpenMP pools of numpy and scikit-learn
+        # settings.threads for torch's pool; one thread for the BLAS of numpy and scikit-learn, whose
+        # L-BFGS on 1,280 features ran 3 times slower with 2 threads than with 1 (2-core CPU)
         threads = torch.get_num_threads()
-        torch.set_num_threads(settings.threads)
         try:
-            with threadpool_limits(limits=settings.threads):
+            with threadpool_limits(limits=1, user_api="blas"):
+                torch.set_num_threads(settings.threads)
                 for unit, result, head in train_units(store, missing, settings):
                     results[unit] = index.record(keys[unit], {**result, "key": keys[unit]}, head)
         finally:
