@@ -131,7 +131,10 @@ def add_heads_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-budget-mb", type=float, default=2048.0, help="MiB per tap before linear/mlp heads stream")
     parser.add_argument("--cv-folds", type=int, default=3, help="cross-validation folds inside train when there is no val")
     parser.add_argument("--pixel-size", type=int, default=16, help="side in pixels of the pixels control's images")
-    parser.add_argument("--head-threads", type=int, default=1, help="torch CPU threads while heads train")
+    parser.add_argument("--head-threads", type=int, default=HeadSettings.threads, help="torch CPU threads while heads train")
+    parser.add_argument("--patience", type=int, default=HeadSettings.patience,
+                        help="epochs without a better selection accuracy before a linear or MLP head stops")
+    parser.add_argument("--mlp-hidden", type=int, default=HeadSettings.mlp_hidden, help="hidden units of the MLP head")
 
 
 def heads_settings_from(args: argparse.Namespace, store: str | None = None) -> HeadSettings:
@@ -149,6 +152,8 @@ def heads_settings_from(args: argparse.Namespace, store: str | None = None) -> H
         cv_folds=args.cv_folds,
         pixel_size=args.pixel_size,
         threads=args.head_threads,
+        patience=args.patience,
+        mlp_hidden=args.mlp_hidden,
     )
 
 

@@ -16,7 +16,7 @@ from pipeline.settings import HeadSettings, SettingsError
 from pipeline.store import FeatureStore
 from stages.metrics import bootstrap_interval, classification_metrics
 from stages.selection import (
-    SEARCH_SPACES, Sweep, TapData, final_fit, make_folds, selection_split_name, sweep_knn, sweep_logreg, sweep_torch,
+    SEARCH_SPACES, Sweep, TapData, final_fit, make_folds, selection_split_name, sweep_knn, sweep_logreg, sweep_mlp_grid, sweep_torch,
 )
 
 logger = logging.getLogger(__name__)
@@ -29,8 +29,11 @@ def fixed_params(head_name: str, settings: HeadSettings) -> dict[str, Any]:
     """Return the head settings that selection does not sweep. They are part of each result's key."""
     if head_name == "logreg":
         return {"class_weight": settings.class_weight}
-    if head_name in ("linear", "mlp"):
-        return {"class_weight": settings.class_weight, "device": settings.device}
+    if head_name == "linear":
+        return {"class_weight": settings.class_weight, "device": settings.device, "patience": settings.patience}
+    if head_name == "mlp":
+        return {"class_weight": settings.class_weight, "device": settings.device, "patience": settings.patience,
+                "hidden": settings.mlp_hidden}
     return {}
 
 
@@ -58,7 +61,10 @@ def sweep_head(head_name: str, data: TapData, settings: HeadSettings) -> Sweep:
         return Sweep([{}], [float(np.mean(scores))], [float(np.mean(trains))], [0.0])
     from stages.heads import HEAD_CLASSES
 
-    return sweep_torch(HEAD_CLASSES[head_name], folds, space, {**fixed_params(head_name, settings), "seed": settings.seed})
+    fixed = {**fixed_params(head_name, settings), "seed": settings.seed}
+    if head_name == "mlp" and settings.device == "cpu":
+        return sweep_mlp_grid(folds, space, fixed)
+    return sweep_torch(HEAD_CLASSES[head_name], folds, space, fixed)
 
 
 def fit_seed(head_name: str, sweep: Sweep, data: TapData, settings: HeadSettings, seed: int) -> tuple[Any, str]:
@@ -70,9 +76,12 @@ def fit_seed(head_name: str, sweep: Sweep, data: TapData, settings: HeadSettings
 
 
 def evaluate_in_memory(head_name: str, data: TapData, settings: HeadSettings, sweep: Sweep | None = None,
-                       control: str | None = None) -> tuple[dict[str, Any], Any]:
-    """Select, fit per seed and evaluate one head on in-memory features. Return (result, head of the first seed)."""
-    started = time.perf_counter()
+                       control: str | None = None, sweep_seconds: float = 0.0) -> tuple[dict[str, Any], Any]:
+    """Select, fit per seed and evaluate one head on in-memory features. Return (result, head of the first seed).
+
+    ``sweep_seconds`` is the time a ``sweep`` given by the caller took; the result's seconds include it.
+    """
+    started = time.perf_counter() - sweep_seconds
     sweep = sweep or sweep_head(head_name, data, settings)
     eval_split, X_eval, y_eval, notes = evaluation_split(data)
 

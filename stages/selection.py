@@ -49,6 +49,9 @@ class Fold:
     y_train: np.ndarray
     X_select: np.ndarray
     y_select: np.ndarray
+    # positions in train of the fit and selection rows; None when the selection rows are val
+    fit_rows: np.ndarray | None = None
+    select_rows: np.ndarray | None = None
 
 
 @dataclass
@@ -84,19 +87,42 @@ def make_folds(data: TapData, cv_folds: int, seed: int) -> list[Fold]:
     """Return [train vs val] when val exists, else ``cv_folds`` stratified folds of train grouped by index."""
     if data.X_val is not None:
         return [Fold(data.X_train, data.y_train, data.X_val, data.y_val)]
+    return [Fold(data.X_train[fit_rows], data.y_train[fit_rows], data.X_train[select_rows], data.y_train[select_rows],
+                 fit_rows, select_rows)
+            for fit_rows, select_rows in fold_rows(data.y_train, data.groups, cv_folds, seed)]
+
+
+# Recent fold_rows results. Every head and control of a run splits the same train rows, and
+# StratifiedGroupKFold takes about a second and a half for 5,000 groups (2-core CPU), so each run
+# computes its folds once.
+_FOLD_ROWS: dict[tuple, list[tuple[np.ndarray, np.ndarray]]] = {}
+_FOLD_ROWS_KEPT = 4
+
+
+def fold_rows(labels: np.ndarray, groups: np.ndarray, cv_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Return (fit rows, selection rows) of each stratified fold of train, grouped by dataset index."""
+    import hashlib
+
     from sklearn.model_selection import StratifiedGroupKFold
 
-    smallest = int(np.bincount(np.unique(data.y_train, return_inverse=True)[1]).min())
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    digest = hashlib.sha1(labels.tobytes() + b"|" + groups.tobytes()).hexdigest()
+    key = (digest, labels.dtype.str, groups.dtype.str, len(labels), cv_folds, seed)
+    if key in _FOLD_ROWS:
+        return _FOLD_ROWS[key]
+
+    smallest = int(np.bincount(np.unique(labels, return_inverse=True)[1]).min())
     if smallest < cv_folds:
         raise SettingsError(
             f"The store has no val split and its smallest train class has {smallest} samples, fewer than "
             f"cv_folds={cv_folds}: lower --cv-folds or extract with a val split."
         )
     splitter = StratifiedGroupKFold(n_splits=cv_folds, shuffle=True, random_state=seed)
-    folds = []
-    for fit_rows, select_rows in splitter.split(data.X_train, data.y_train, data.groups):
-        folds.append(Fold(data.X_train[fit_rows], data.y_train[fit_rows], data.X_train[select_rows], data.y_train[select_rows]))
-    return folds
+    rows = list(splitter.split(np.zeros((len(labels), 1)), labels, groups))
+    if len(_FOLD_ROWS) >= _FOLD_ROWS_KEPT:
+        _FOLD_ROWS.pop(next(iter(_FOLD_ROWS)))
+    _FOLD_ROWS[key] = rows
+    return rows
 
 
 def sweep_logreg(folds: list[Fold], space: dict[str, list], class_weight: str | None, max_iter: int = 1000) -> Sweep:
@@ -125,16 +151,23 @@ def sweep_logreg(folds: list[Fold], space: dict[str, list], class_weight: str | 
 
 
 def sweep_knn(folds: list[Fold], space: dict[str, list]) -> Sweep:
-    from stages.knn import sweep_k
+    from stages.knn import sweep_k, sweep_k_folds
 
     ks = sorted(space["k"])
+    if all(fold.fit_rows is not None for fold in folds):
+        # cross-validation folds of train: one similarity product serves every fold
+        first = folds[0]
+        X = np.concatenate([first.X_train, first.X_select])
+        y = np.concatenate([first.y_train, first.y_select])
+        order = np.argsort(np.concatenate([first.fit_rows, first.select_rows]))
+        rows = [(fold.fit_rows, fold.select_rows) for fold in folds]
+        scores, train = sweep_k_folds(X[order], y[order], rows, ks)
+        return Sweep([{"k": k} for k in ks], scores.mean(axis=0).tolist(), train.mean(axis=0).tolist(), [0.0] * len(ks))
     scores = np.array([[found[k] for k in ks] for found in (sweep_k(f.X_train, f.y_train, f.X_select, f.y_select, ks) for f in folds)])
     # each train sample is its own nearest neighbour, so this train accuracy is optimistic and the
     # overfitting check skips kNN
-    train = [
-        float(np.mean([sweep_k(f.X_train, f.y_train, f.X_train, f.y_train, [k])[k] for f in folds])) for k in ks
-    ]
-    return Sweep([{"k": k} for k in ks], scores.mean(axis=0).tolist(), train, [0.0] * len(ks))
+    train = np.array([[found[k] for k in ks] for found in (sweep_k(f.X_train, f.y_train, f.X_train, f.y_train, ks) for f in folds)])
+    return Sweep([{"k": k} for k in ks], scores.mean(axis=0).tolist(), train.mean(axis=0).tolist(), [0.0] * len(ks))
 
 
 def sweep_torch(head_class: type, folds: list[Fold], space: dict[str, list], fixed: dict[str, Any]) -> Sweep:
@@ -151,6 +184,27 @@ def sweep_torch(head_class: type, folds: list[Fold], space: dict[str, list], fix
             train_scores[row, column] = np.mean(head.predict(fold.X_train) == fold.y_train)
             epochs[row, column] = head.best_epoch_
             fitted.append(head)
+    return Sweep(settings, scores.mean(axis=0).tolist(), train_scores.mean(axis=0).tolist(), epochs.mean(axis=0).tolist(),
+                 fitted if len(folds) == 1 else None)
+
+
+def sweep_mlp_grid(folds: list[Fold], space: dict[str, list], fixed: dict[str, Any]) -> Sweep:
+    """Train the lr x weight decay grid of MLP heads as one batched computation per fold, on the CPU."""
+    from stages.batched_mlp import MLPSetting, train_mlp_grid
+
+    settings = parameter_grid(space)
+    grid = [MLPSetting(setting["lr"], setting["weight_decay"]) for setting in settings]
+    options = {name: value for name, value in fixed.items() if name != "device"}
+    scores = np.zeros((len(folds), len(settings)))
+    train_scores = np.zeros_like(scores)
+    epochs = np.zeros_like(scores)
+    fitted: list[Any] = []
+    for row, fold in enumerate(folds):
+        fitted = train_mlp_grid(fold.X_train, fold.y_train, grid, fold.X_select, fold.y_select, **options)
+        for column, head in enumerate(fitted):
+            scores[row, column] = np.mean(head.predict(fold.X_select) == fold.y_select)
+            train_scores[row, column] = np.mean(head.predict(fold.X_train) == fold.y_train)
+            epochs[row, column] = head.best_epoch_
     return Sweep(settings, scores.mean(axis=0).tolist(), train_scores.mean(axis=0).tolist(), epochs.mean(axis=0).tolist(),
                  fitted if len(folds) == 1 else None)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Iterator
 
 import numpy as np
@@ -26,12 +27,14 @@ def train_units(store: FeatureStore, units: list, settings: HeadSettings) -> Ite
     for group in tap_groups(store, linear_taps, budget):
         datas = [store_tap_data(store, tap) for tap in group]
         folds = {data.tap: make_folds(data, settings.cv_folds, settings.seed) for data in datas}
-        fixed = {"seed": settings.seed, "class_weight": settings.class_weight}
         logger.info("Training %d linear heads together on taps %s", len(datas) * grid_size("linear"), group)
-        sweeps = sweep_linear_grid(datas, folds, SEARCH_SPACES["linear"], fixed)
+        started = time.perf_counter()
+        sweeps = sweep_linear_grid(datas, folds, SEARCH_SPACES["linear"], linear_grid_options(settings))
+        # the taps of a group share one sweep, so each is charged an equal part of its time
+        share = (time.perf_counter() - started) / len(datas)
         for data in datas:
             unit = next(unit for unit in pretrained if unit.head == "linear" and unit.tap == data.tap)
-            yield (unit, *evaluate_in_memory("linear", data, settings, sweep=sweeps[data.tap]))
+            yield (unit, *evaluate_in_memory("linear", data, settings, sweep=sweeps[data.tap], sweep_seconds=share))
 
     # the other heads, one tap at a time
     for tap in dict.fromkeys(unit.tap for unit in pretrained):
@@ -59,11 +62,23 @@ def train_controls(store: FeatureStore, units: list, settings: HeadSettings) -> 
             yield (unit, *evaluate_in_memory("majority", labels_only, settings, control="majority"))
         elif unit.control == "pixels":
             logger.info("Pixels control: reading %d images at %dx%d", len(store), settings.pixel_size, settings.pixel_size)
-            yield (unit, *evaluate_in_memory(unit.head, pixel_tap_data(store, settings.pixel_size), settings, control="pixels"))
+            started = time.perf_counter()
+            pixels = pixel_tap_data(store, settings.pixel_size)
+            sweep = None
+            if unit.head == "linear":
+                folds = {pixels.tap: make_folds(pixels, settings.cv_folds, settings.seed)}
+                sweep = sweep_linear_grid([pixels], folds, SEARCH_SPACES["linear"], linear_grid_options(settings))[pixels.tap]
+            yield (unit, *evaluate_in_memory(unit.head, pixels, settings, sweep=sweep, control="pixels",
+                                             sweep_seconds=time.perf_counter() - started))
         else:
             random_store = random_store or random_weights_store(store)
             result, head = evaluate_in_memory(unit.head, store_tap_data(random_store, unit.tap), settings, control=unit.control)
             yield unit, {**result, "control_store": str(random_store.folder)}, head
+
+
+def linear_grid_options(settings: HeadSettings) -> dict[str, Any]:
+    """Return the options of ``train_linear_grid`` that the settings fix; ``fixed_params('linear')`` lists the same."""
+    return {"seed": settings.seed, "class_weight": settings.class_weight, "patience": settings.patience}
 
 
 def label_data(store: FeatureStore) -> TapData:

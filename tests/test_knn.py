@@ -37,3 +37,60 @@ def test_sweep_matches_head_per_k():
 def test_head_before_fit_raises():
     with pytest.raises(NotFittedError):
         KNNHead().predict(np.zeros((1, 2)))
+
+
+def test_predictions_equal_scikit_learn_cosine_knn():
+    from sklearn.neighbors import KNeighborsClassifier
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(300, 16)).astype(np.float32)
+    y = rng.integers(0, 4, size=300)
+    X[:, :4] += np.eye(4, dtype=np.float32)[y] * 1.5
+    V = rng.normal(size=(200, 16)).astype(np.float32)
+    for k in (1, 5, 20):
+        reference = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute").fit(X, y)
+        expected = reference.predict(V)
+        found = KNNHead(k=k).fit(X, y).predict(V)
+        assert np.array_equal(found, expected), k
+
+
+def test_neighbours_equal_scikit_learn_order():
+    from sklearn.neighbors import NearestNeighbors
+
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(2500, 8)).astype(np.float32)
+    V = rng.normal(size=(1100, 8)).astype(np.float32)  # more than one query block
+    expected = NearestNeighbors(n_neighbors=7, metric="cosine", algorithm="brute").fit(X).kneighbors(V, return_distance=False)
+    assert np.array_equal(nearest_neighbours(X, V, 7), expected)
+
+
+def test_sweep_reads_every_k_from_one_search():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(120, 6)).astype(np.float32)
+    y = rng.integers(0, 3, size=120)
+    X[:, :3] += np.eye(3, dtype=np.float32)[y]
+    ks = [1, 2, 7, 40, 200]
+    scores = sweep_k(X, y, X, y, ks)
+    assert scores[1] == 1.0
+    for k in ks:
+        assert scores[k] == pytest.approx(np.mean(KNNHead(k=k).fit(X, y).predict(X) == y)), k
+
+
+def test_fold_sweep_equals_sweep_per_fold():
+    from stages.selection import TapData, make_folds, sweep_knn
+
+    rng = np.random.default_rng(4)
+    y = np.arange(150) % 3
+    X = rng.normal(size=(150, 5)).astype(np.float32)
+    X[:, :3] += np.eye(3, dtype=np.float32)[y]
+    data = TapData("t", X, y, groups=np.arange(150))
+    folds = make_folds(data, 3, seed=0)
+    ks = [1, 3, 10]
+
+    sweep = sweep_knn(folds, {"k": ks})
+
+    for position, k in enumerate(ks):
+        select = np.mean([sweep_k(f.X_train, f.y_train, f.X_select, f.y_select, [k])[k] for f in folds])
+        train = np.mean([sweep_k(f.X_train, f.y_train, f.X_train, f.y_train, [k])[k] for f in folds])
+        assert sweep.scores[position] == pytest.approx(select), k
+        assert sweep.train_accuracies[position] == pytest.approx(train), k

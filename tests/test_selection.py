@@ -95,3 +95,25 @@ def test_torch_refit_without_val_epochs():
     head, refit_on = final_fit("mlp", sweep.settings[sweep.best()], sweep, data, {"class_weight": None}, seed=0)
     assert refit_on == f"train ({head.epochs} epochs)"
     assert head.epochs == int(round(sweep.best_epochs[sweep.best()])) + 1
+
+
+def test_fold_rows_computed_once_per_split():
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from stages.selection import fold_rows
+
+    data = tap_data(with_val=False, views=2, seed=7)
+    first = fold_rows(data.y_train, data.groups, 3, 11)
+    second = fold_rows(data.y_train.copy(), data.groups.copy(), 3, 11)
+    expected = StratifiedGroupKFold(n_splits=3, shuffle=True, random_state=11).split(data.X_train, data.y_train, data.groups)
+    assert second is first
+    for (fit_rows, select_rows), (fit_expected, select_expected) in zip(first, expected):
+        assert np.array_equal(fit_rows, fit_expected)
+        assert np.array_equal(select_rows, select_expected)
+
+
+def test_folds_record_their_train_rows():
+    data = tap_data(with_val=False)
+    for fold in make_folds(data, cv_folds=3, seed=0):
+        assert np.array_equal(fold.X_train, data.X_train[fold.fit_rows])
+        assert np.array_equal(fold.X_select, data.X_train[fold.select_rows])

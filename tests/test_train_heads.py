@@ -161,3 +161,18 @@ def test_python_usage_snippet_runs(in_tmp, capsys):
     write_store(in_tmp / "data" / "features" / "synthetic", taps={"pre_logits": 12})
     exec(PYTHON_USAGE, {})
     assert float(capsys.readouterr().out) > 0.9
+
+
+def test_pixels_control_uses_linear_grid(tmp_path):
+    store = write_store(tmp_path / "store", counts={"train": 90, "test": 45}, image_root=tmp_path / "images")
+    results = run_heads(HeadSettings(store=str(store), heads=("knn",), controls=("pixels",), output_root=str(tmp_path / "out")))
+    pixels = next(result for result in results if result["control"] == "pixels")
+    assert pixels["head"] == "linear"
+    assert pixels["select_split"] == "3-fold cross-validation on train"
+    assert pixels["refit_on"].startswith("train (")
+    assert [entry["setting"] for entry in pixels["selection"]] == [
+        {"lr": lr, "weight_decay": weight_decay} for lr in (1e-3, 1e-2) for weight_decay in (1e-4, 1e-2)
+    ]
+    # images coloured by class: pixels give well above chance (1/3) with 90 train images
+    assert pixels["accuracy"] > 0.6
+    assert pixels["seconds"] > 0.0
