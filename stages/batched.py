@@ -9,7 +9,6 @@ rounding. The heads of one tap share the (B, D) input batch and keep their weigh
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,13 +16,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from stages.adamw import adamw_step
 from stages.heads import LinearHead, _Standardized, class_weights, standardization
 
 logger = logging.getLogger(__name__)
-
-# AdamW constants, torch.optim.AdamW defaults (torch 2.x).
-BETAS = (0.9, 0.999)
-EPS = 1e-8
 
 
 @dataclass(frozen=True)
@@ -103,8 +99,8 @@ def train_linear_grid(
                 with torch.no_grad():
                     group.weight.requires_grad_(False)
                     group.bias.requires_grad_(False)
-                    _adamw_step(group.weight, grad_weight, m_w, v_w, group.lr[:, None, None], group.weight_decay[:, None, None], step)
-                    _adamw_step(group.bias, grad_bias, m_b, v_b, group.lr[:, None], group.weight_decay[:, None], step)
+                    adamw_step(group.weight, grad_weight, m_w, v_w, group.lr[:, None, None], group.weight_decay[:, None, None], step)
+                    adamw_step(group.bias, grad_bias, m_b, v_b, group.lr[:, None], group.weight_decay[:, None], step)
 
         if select is None:
             continue
@@ -185,15 +181,3 @@ def _summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: to
     normalizer = batch if weight is None else weight[labels].sum()
     return per_sample.sum() / normalizer
 
-
-def _adamw_step(parameter: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                lr: torch.Tensor, weight_decay: torch.Tensor, step: int) -> None:
-    """Apply one AdamW update in place with a learning rate and weight decay per head, as torch.optim.AdamW does."""
-    beta1, beta2 = BETAS
-    parameter.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    denominator = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(EPS)
-    parameter.sub_(lr / bias_correction1 * exp_avg / denominator)

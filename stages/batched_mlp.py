@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages.batched import _adamw_step, _summed_cross_entropy
+from stages.adamw import adamw_step
+from stages.batched import _summed_cross_entropy
 from stages.heads import MLPHead, _Standardized, class_weights, standardization
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def train_mlp_grid(
             with torch.no_grad():
                 for parameter, grad, (exp_avg, exp_avg_sq), shape in zip(parameters, grads, moments, shapes):
                     parameter.requires_grad_(False)
-                    _adamw_step(parameter, grad, exp_avg, exp_avg_sq, lr.view(shape), weight_decay.view(shape), step)
+                    adamw_step(parameter, grad, exp_avg, exp_avg_sq, lr.view(shape), weight_decay.view(shape), step)
 
         if select is None:
             continue

@@ -19,6 +19,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from pipeline.settings import SettingsError
+from stages.adamw import AdamW
 from stages.knn import KNNHead
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         generator = torch.Generator().manual_seed(self.seed)
         device = torch.device(self.device)
         module = _Standardized(self.build_body(n_features, len(self.classes_)), mean, scale).to(device)
-        optimizer = torch.optim.AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         weight = class_weights(class_counts, self.class_weight)
         loss_function = nn.CrossEntropyLoss(weight=None if weight is None else torch.as_tensor(weight, device=device))
 
@@ -123,7 +124,7 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         for epoch in range(self.epochs):
             module.train()
             for batch_features, batch_labels in epoch_batches(generator):
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()
                 loss = loss_function(module(batch_features.to(device)), batch_labels.to(device))
                 loss.backward()
                 optimizer.step()
