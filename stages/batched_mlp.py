@@ -1,6 +1,6 @@
 """K MLP heads (learning rate x weight decay) trained together on one fold as one batched computation.
 
-Each head starts from the initialization that ``MLPHead`` gets with the same seed, sees the same
+Each head starts from the initialization that ``MLPHead`` gets with the same seed, trains on the same
 batch order and takes AdamW steps with its own learning rate and weight decay. The heads keep their
 weights stacked in (K, D, H) and (K, H, C) tensors, so one batched matrix product replaces K and
 the Python loop runs once per batch. The grid trains on the CPU. Dropout masks come from their own generator, so the heads
@@ -49,7 +49,7 @@ def train_mlp_grid(
     """Train one MLPHead per setting on (X, y), all in one loop, and return them fitted, in settings order.
 
     With a selection split, each head keeps its epoch of best selection accuracy and stops after
-    ``patience`` epochs without improvement, as ``MLPHead.fit(..., eval_set=...)`` does; the loop
+    ``patience`` epochs without improvement, as ``MLPHead.fit(..., eval_set=...)`` does. The loop
     ends when every head has stopped.
     """
     X = np.asarray(X, dtype=np.float32)

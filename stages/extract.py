@@ -25,7 +25,7 @@ from pipeline.datasets import Dataset, load_dataset
 from pipeline.devices import autocast_context, check_amp, default_batch_size, prepare_model, to_device
 from pipeline.distributed import DistributedContext, start_distributed
 from pipeline.identity import cached_identity, remember_identity
-from pipeline.memory import trim_heap
+from pipeline.memory import HeapGuard
 from pipeline.rank_records import finish_writer, open_writer
 from pipeline.settings import ExtractSettings, settings_to_dict
 from pipeline.store import (
@@ -45,8 +45,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Batches between two returns of freed heap memory to the OS (pipeline.memory.trim_heap).
-TRIM_EVERY_BATCHES = 8
 VERSIONED_PACKAGES = ("torch", "torchvision", "timm", "h5py", "numpy", "scikit-learn", "pillow")
 
 
@@ -346,7 +344,7 @@ def _extract_pending(
         remaining[index // shard_size] += 1
     tap_dims: dict[str, int] = {}
     extracted = 0
-    batches_done = 0
+    heap_guard = HeapGuard()
 
     # shards are written by a background thread, so HDF5 writes overlap with the next forward passes
     progress = tqdm(total=len(rows), unit="view", desc=f"extract {backbone.name}", dynamic_ncols=True)
@@ -378,10 +376,8 @@ def _extract_pending(
                     background.submit(_flush_shard, writer, dataset, shard, buffers.pop(shard), settings, tap_dims)
             extracted += sum(1 for _, view in batch.rows if view == DETERMINISTIC_VIEW)
             # Without trimming, glibc's heap fragments and resident memory grows with the number of
-            # batches. Trimming after every batch cost about 7% speed, so it runs every few batches.
-            batches_done += 1
-            if batches_done % TRIM_EVERY_BATCHES == 0:
-                trim_heap()
+            # batches. The guard trims only when memory has grown since its last trim.
+            heap_guard.check()
             progress.update(len(batch.rows) + len(batch.failures))
 
     return extracted, tap_dims
