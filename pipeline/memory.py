@@ -47,15 +47,15 @@ def resident_bytes() -> int | None:
 
 
 class HeapGuard:
-    """Trim the heap whenever resident memory has grown more than ``growth`` above its level after the last trim.
+    """Trim the heap whenever resident memory has grown more than ``growth`` above its level after the first batch.
 
     Trimming costs speed, because the memory it returns must be faulted in again, so a fixed
     schedule either trims too often or lets the peak drift. The guard reads the resident size
     after each batch (a read of /proc/self/statm) and trims only when it crossed the limit. When
-    memory is still above the limit after a trim, the memory is in use, and the limit moves up.
+    memory is still above the limit right after a trim, the memory is in use, and the limit moves up.
     """
 
-    def __init__(self, growth: float = 0.03) -> None:
+    def __init__(self, growth: float = 0.05) -> None:
         self.growth = growth
         self.limit: int | None = None
         self.trims = 0
@@ -64,9 +64,13 @@ class HeapGuard:
         resident = resident_bytes()
         if resident is None:
             return
-        if self.limit is not None and resident <= self.limit:
+        if self.limit is None:
+            self.limit = int(resident * (1 + self.growth))
+            return
+        if resident <= self.limit:
             return
         trim_heap()
         self.trims += 1
         after = resident_bytes() or resident
-        self.limit = max(self.limit or 0, int(after * (1 + self.growth)))
+        if after > self.limit:
+            self.limit = int(after * (1 + self.growth))
