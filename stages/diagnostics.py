@@ -11,12 +11,13 @@ IMBALANCE_RATIO = 3.0
 
 
 def negative_transfer(results: list[dict[str, Any]]) -> list[str]:
-    """Warn when the best pretrained result does not beat a control beyond its 95% confidence interval."""
+    """Warn when the best pretrained result (by selection accuracy) does not beat a control beyond its 95% confidence interval."""
     pretrained = [result for result in results if not result.get("control")]
     controls = [result for result in results if result.get("control")]
     if not pretrained or not controls:
         return []
-    best = max(pretrained, key=lambda result: result["accuracy"])
+    # the best head is chosen on the selection split, so that test accuracy is only reported
+    best = max(pretrained, key=lambda result: result["select_accuracy"])
     warnings = []
     for control in controls:
         if best["ci_low"] <= control["accuracy"]:
@@ -34,11 +35,12 @@ def negative_transfer(results: list[dict[str, Any]]) -> list[str]:
 def overfitting(results: list[dict[str, Any]], gap: float) -> list[str]:
     """Warn when a head's train accuracy exceeds its selection accuracy by more than ``gap``.
 
-    kNN is skipped because each train sample is its own nearest neighbour.
+    kNN is skipped because each train sample is its own nearest neighbour, and the majority
+    control because it learns nothing but the class counts.
     """
     warnings = []
     for result in results:
-        if result["head"] == "knn":
+        if result["head"] in ("knn", "majority"):
             continue
         difference = result["train_accuracy"] - result["select_accuracy"]
         if difference > gap:

@@ -21,9 +21,14 @@ DIGEST_FILE = "report-digest.txt"
 
 
 def ranked(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Return the results sorted by accuracy, best first, each with its rank and flat metric columns."""
+    """Return the results sorted by selection accuracy, best first, each with its rank and flat metric columns.
+
+    The ranking uses the selection split (val, or cross-validation inside train), never the
+    evaluation split: choosing the best tap and head by test accuracy would select on test.
+    """
     rows = []
-    for rank, result in enumerate(sorted(results, key=lambda item: -item["accuracy"]), start=1):
+    order = sorted(results, key=lambda item: (-item["select_accuracy"], item["tap"], item["head"]))
+    for rank, result in enumerate(order, start=1):
         metrics = result["metrics"]
         rows.append({
             **result,

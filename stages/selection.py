@@ -281,7 +281,7 @@ def final_fit(head_name: str, setting: dict[str, Any], sweep: Sweep, data: TapDa
               seed: int) -> tuple[Any, str]:
     """Return the head fitted with the selected setting for one seed, and which rows it was fitted on.
 
-    logreg and kNN refit on train + val (train alone without val). The torch heads keep the fit that
+    logreg and kNN refit on train + val when there is a test split, else on train alone. The torch heads keep the fit that
     early stopping chose on val, or, without val, train on all of train for the mean best epoch of
     the folds plus one.
     """
@@ -290,7 +290,8 @@ def final_fit(head_name: str, setting: dict[str, Any], sweep: Sweep, data: TapDa
     position = sweep.settings.index(setting)
     head_class = HEAD_CLASSES[head_name]
     if head_name in ("logreg", "knn"):
-        if data.X_val is None:
+        if data.X_val is None or data.X_test is None:
+            # without a test split, val is the evaluation split, so a refit on it would score seen rows
             return head_class(**setting, **fixed).fit(data.X_train, data.y_train), "train"
         X = np.concatenate([data.X_train, data.X_val])
         y = np.concatenate([data.y_train, data.y_val])

@@ -44,3 +44,16 @@ def test_class_imbalance_suggests_class_weight():
     assert "--class-weight balanced" in warnings[0]
     assert class_imbalance({"a": 90, "b": 10}, class_weight="balanced") == []
     assert class_imbalance({"a": 50, "b": 40}, class_weight=None) == []
+
+
+def test_negative_transfer_picks_best_head_on_selection():
+    chosen = {**result("logreg", 0.80, select=0.95), "tap": "late"}
+    lucky = {**result("knn", 0.99, select=0.50), "tap": "early"}  # best on test, worst on val
+    warnings = negative_transfer([chosen, lucky, result("linear", 0.84, control="pixels")])
+    assert len(warnings) == 1
+    assert "logreg on late" in warnings[0]
+    assert warnings[0].startswith("negative transfer")
+
+
+def test_overfitting_skips_majority_control():
+    assert overfitting([result("majority", 0.33, control="majority", train=0.6, select=0.33)], gap=0.1) == []

@@ -33,3 +33,13 @@ def test_reports_skip_when_unchanged(tmp_path):
     assert write_reports(results, [], tmp_path, header)
     assert not write_reports(results, [], tmp_path, header)
     assert write_reports(results, ["class imbalance: example"], tmp_path, header)
+
+
+def test_ranking_uses_selection_not_test_accuracy():
+    from stages.reports import ranked
+
+    chosen = {**result("k1", "late", "logreg", 0.80), "select_accuracy": 0.90}
+    lucky = {**result("k2", "early", "knn", 0.95), "select_accuracy": 0.60}  # best on test, worst on val
+    rows = ranked([lucky, chosen])
+    assert [row["key"] for row in rows] == ["k1", "k2"]
+    assert [row["rank"] for row in rows] == [1, 2]

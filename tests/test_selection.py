@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.settings import SettingsError
-from stages.selection import SEARCH_SPACES, TapData, final_fit, make_folds, sweep_logreg
+from stages.selection import SEARCH_SPACES, TapData, final_fit, make_folds, sweep_knn, sweep_logreg
 
 
 def tap_data(with_val: bool, views: int = 1, seed: int = 0) -> TapData:
@@ -77,11 +77,27 @@ def test_logreg_warm_sweep_matches_cold_fits():
 
 def test_final_logreg_refits_on_train_and_val():
     data = tap_data(with_val=True)
+    data.X_test, data.y_test = data.X_val.copy(), data.y_val.copy()
     sweep = sweep_logreg(make_folds(data, 3, 0), {"C": [1.0]}, None)
     head, refit_on = final_fit("logreg", {"C": 1.0}, sweep, data, {"class_weight": None}, seed=0)
     assert refit_on == "train+val"
     assert head.pipeline_[-1].n_features_in_ == 4
     assert head.pipeline_[0].n_samples_seen_ == 90
+
+
+@pytest.mark.parametrize("head_name, setting", [("logreg", {"C": 1.0}), ("knn", {"k": 3})])
+def test_final_fit_keeps_val_unseen_without_test(head_name, setting):
+    """Without a test split, val is the evaluation split, so the final fit must not train on it."""
+    data = tap_data(with_val=True)
+    folds = make_folds(data, 3, 0)
+    sweep = sweep_logreg(folds, {"C": [1.0]}, None) if head_name == "logreg" else sweep_knn(folds, {"k": [3]})
+    fixed = {"class_weight": None} if head_name == "logreg" else {}
+    head, refit_on = final_fit(head_name, setting, sweep, data, fixed, seed=0)
+    assert refit_on == "train"
+    if head_name == "logreg":
+        assert head.pipeline_[0].n_samples_seen_ == 60
+    else:
+        assert len(head.features_) == 60
 
 
 @pytest.mark.slow
