@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "featcache-store/1"
 MANIFEST = "manifest.json"
+# Written by a cache hit of featcache extract: the store counts as the newest for latest_store.
+LAST_USED = "last-used.txt"
 SETTINGS = "settings.json"
 SHARD_FOLDER = "shards"
 STRING = h5py.string_dtype("utf-8")
@@ -429,13 +431,23 @@ class FeatureStore:
         return sum(entry["count"] for entry in self.manifest["shards"])
 
 
+def mark_used(folder: Path) -> None:
+    """Record that a command used this store just now, so that ``latest_store`` picks it (a cache hit counts)."""
+    try:
+        (Path(folder) / LAST_USED).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+    except OSError as error:  # a read-only store stays usable; only the choice of the newest store is affected
+        logger.warning("Could not mark store %s as used: %s", folder, error)
+
+
 def latest_store(root: Path) -> Path:
-    """Return the most recently completed store folder under ``root``."""
+    """Return the complete store under ``root`` that was completed or used by ``featcache extract`` most recently."""
     candidates = []
     for manifest_path in Path(root).glob(f"*/{MANIFEST}"):
         manifest = read_manifest(manifest_path.parent)
         if manifest and manifest.get("complete"):
-            candidates.append((manifest.get("completed", ""), manifest_path.stat().st_mtime, manifest_path.parent))
+            used = manifest_path.parent / LAST_USED
+            moment = max(manifest_path.stat().st_mtime, used.stat().st_mtime if used.exists() else 0.0)
+            candidates.append((moment, str(manifest_path.parent), manifest_path.parent))
     if not candidates:
         raise StoreError(f"No complete feature store under {root}: run 'featcache extract' (or 'make extract') first.")
     return max(candidates)[2]

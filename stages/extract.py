@@ -32,6 +32,7 @@ from pipeline.store import (
     ShardData,
     StoreError,
     StoreWriter,
+    mark_used,
     read_manifest,
     rebuild_folder,
     recover_replaced_store,
@@ -189,6 +190,8 @@ def _run_extraction(settings: ExtractSettings, context: DistributedContext) -> E
         logger.info(
             "Cache hit: store %s is complete for key %s, so the backbone was not run (%.2f s).", folder, key[:12], seconds
         )
+        if context.is_main:
+            mark_used(folder)
         return ExtractionResult(folder, True, 0, len(existing.get("skipped", [])), seconds)
 
     if backbone is None:
@@ -200,6 +203,7 @@ def _run_extraction(settings: ExtractSettings, context: DistributedContext) -> E
             fields, key, folder, existing = _locate_store(settings, dataset, backbone.provenance())
             if _is_cache_hit(existing, key, settings):
                 logger.info("Cache hit: store %s is complete for key %s.", folder, key[:12])
+                mark_used(folder)
                 return ExtractionResult(folder, True, 0, len(existing.get("skipped", [])), time.perf_counter() - started)
         provenance = backbone.provenance()
 

@@ -360,3 +360,22 @@ def test_hymenoptera_odd_files_extract(shared_datasets: Path, tmp_path: Path) ->
     assert str(ants / "imageNotFound.gif") in paths
     assert str(ants / "ant photos.jpg") in paths
     assert read_manifest(result.folder)["modes"]["P"] == 1
+
+
+def test_cache_hit_makes_store_the_latest(colour_folder, tmp_path):
+    """make extract DATA=a; make extract DATA=b; make extract DATA=a (cache hit); make heads: trains on a."""
+    import shutil
+
+    from pipeline.store import LAST_USED, latest_store
+
+    other = tmp_path / "other" / "shades"
+    shutil.copytree(colour_folder, other)
+    output = tmp_path / "features"
+    first = run_extraction(settings_for(colour_folder, output))
+    second = run_extraction(settings_for(other, output))
+    assert second.folder != first.folder
+    assert latest_store(output) == second.folder
+    again = run_extraction(settings_for(colour_folder, output))
+    assert again.cache_hit
+    assert (first.folder / LAST_USED).exists()
+    assert latest_store(output) == first.folder
