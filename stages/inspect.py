@@ -114,6 +114,17 @@ def _describe_preprocessing(preprocessing: dict[str, Any]) -> str:
     )
 
 
+def _describe_forward(fields: dict) -> str:
+    """Describe the key fields that decide how the backbone ran: precision, memory format, folding, draft decoding."""
+    def state(name: str) -> str:
+        return "unrecorded" if name not in fields else ("on" if fields[name] else "off")
+
+    return (
+        f"amp {fields.get('amp', 'unrecorded')}, channels-last {state('channels_last')}, "
+        f"batch norms folded {state('fold_batchnorm')}, JPEG draft decoding {state('draft')}"
+    )
+
+
 def inspect_store(folder: str | Path) -> str:
     """Return a plain-text report of a store, complete or not."""
     folder = Path(folder)
@@ -131,6 +142,7 @@ def inspect_store(folder: str | Path) -> str:
         f"weights sha  {provenance.get('weights_sha256')}",
         f"preprocess   {_describe_preprocessing(provenance.get('preprocessing') or {})}",
         f"pooling      {provenance.get('pooling')}",
+        f"forward pass {_describe_forward(manifest.get('key_fields') or {})}",
         f"dtype        {manifest.get('dtype')}, compression {manifest.get('compression', 'none')}",
         f"shards       {len(manifest['shards'])} in {SHARD_FOLDER}/, up to {shard_size} samples each",
         "taps",

@@ -98,6 +98,7 @@ def test_inspect_lists_counts_and_skipped(tmp_path: Path) -> None:
     assert "  total       4       3       0" in lines
     assert "  pre_logits                     3" in lines
     assert "source modes CMYK 2, RGB 5" in lines
+    assert "forward pass amp unrecorded, channels-last unrecorded, batch norms folded unrecorded, JPEG draft decoding unrecorded" in lines
     assert "  val/x/broken.jpg: OSError: image file is truncated" in lines
     assert "dtype        float32, compression none" in lines
     assert "warning      class folder /data/x contains no images" in lines
