@@ -117,7 +117,9 @@ def _describe_preprocessing(preprocessing: dict[str, Any]) -> str:
 def _describe_forward(fields: dict) -> str:
     """Describe the key fields that decide how the backbone ran: precision, memory format, folding, draft decoding."""
     def state(name: str) -> str:
-        return "unrecorded" if name not in fields else ("on" if fields[name] else "off")
+        if name not in fields:
+            return "unrecorded"
+        return "on" if fields[name] else "off"
 
     return (
         f"amp {fields.get('amp', 'unrecorded')}, channels-last {state('channels_last')}, "
