@@ -314,46 +314,53 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cache frozen-backbone features of an image dataset once (stage one), then train many heads on them (stage two).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    # -v also after the subcommand; SUPPRESS keeps a subcommand from resetting a -v given before it
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    extract = commands.add_parser("extract", help="stage one: write the features of a dataset to a store")
+    def add_command(name: str, **options) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[verbose], **options)
+
+
+    extract = add_command("extract", help="stage one: write the features of a dataset to a store")
     add_extract_arguments(extract)
     extract.add_argument("--virtual-view", action="store_true", help="also write store.h5, one HDF5 view of all shards")
     extract.set_defaults(handler=command_extract)
 
-    heads = commands.add_parser("heads", help="stage two: train heads on a store and print the results")
+    heads = add_command("heads", help="stage two: train heads on a store and print the results")
     add_heads_arguments(heads)
     heads.set_defaults(handler=command_heads)
 
-    demo = commands.add_parser("demo", help="both stages on the embedded digits with early to late taps")
+    demo = add_command("demo", help="both stages on the embedded digits with early to late taps")
     add_extract_arguments(demo)
     add_heads_arguments(demo)
     demo.set_defaults(handler=command_demo, taps=DEMO_TAPS)
 
-    taps = commands.add_parser("taps", help="list the tap names of a backbone with their output shapes")
+    taps = add_command("taps", help="list the tap names of a backbone with their output shapes")
     taps.add_argument("backbone", nargs="?", default=DEFAULT_BACKBONE)
     taps.add_argument("--weights", default="default")
     taps.add_argument("--depth", type=int, default=2, help="list layers up to this many dots deep")
     taps.add_argument("--offline", action="store_true")
     taps.set_defaults(handler=command_taps)
 
-    inspect = commands.add_parser("inspect", help="describe a store: counts, taps, provenance, skipped files")
+    inspect = add_command("inspect", help="describe a store: counts, taps, provenance, skipped files")
     inspect.add_argument("store", help="store folder")
     inspect.set_defaults(handler=command_inspect)
 
-    verify = commands.add_parser("verify", help="check every shard of a store against its manifest (exit 1 on mismatch)")
+    verify = add_command("verify", help="check every shard of a store against its manifest (exit 1 on mismatch)")
     verify.add_argument("store", help="store folder")
     verify.set_defaults(handler=command_verify)
 
-    bench = commands.add_parser("bench", help="compare backbones: speed, cost and head accuracy in one leaderboard")
+    bench = add_command("bench", help="compare backbones: speed, cost and head accuracy in one leaderboard")
     add_bench_arguments(bench)
     bench.set_defaults(handler=command_bench)
 
-    virtual = commands.add_parser("virtual", help="write store.h5, one HDF5 virtual dataset view of a store's shards")
+    virtual = add_command("virtual", help="write store.h5, one HDF5 virtual dataset view of a store's shards")
     virtual.add_argument("store", help="folder of a complete store")
     virtual.set_defaults(handler=command_virtual)
 
-    finetune = commands.add_parser("finetune", help="fine-tuning baseline on the same splits and metrics as the heads")
+    finetune = add_command("finetune", help="fine-tuning baseline on the same splits and metrics as the heads")
     finetune.add_argument("--store", default=None, help="store whose dataset, split and backbone are reused")
     finetune.add_argument("--data", default=None, help="class-per-folder directory or 'digits', when no store is given")
     finetune.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone, when no store is given")
@@ -373,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--offline", action="store_true", help="never download weights")
     finetune.set_defaults(handler=command_finetune)
 
-    advise = commands.add_parser("advise", help="recommend a transfer-learning strategy for a store, with reasons")
+    advise = add_command("advise", help="recommend a transfer-learning strategy for a store, with reasons")
     advise.add_argument("store", help="store folder")
     advise.add_argument("--results", default="data/results", help="folder that contains the results of each store")
     advise.add_argument("--sample", type=int, default=64, help="images on which the ImageNet classifier's confidence is measured")

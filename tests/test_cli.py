@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli import build_parser, main
 
 
 def test_extract_then_heads(in_tmp, colour_folder, capsys):
@@ -118,3 +118,12 @@ def test_unknown_tap_leaves_no_store(in_tmp, colour_folder):
     assert main(["extract", "--data", str(colour_folder), "--taps", "blocks.99", "--workers", "0", "--offline"]) == 2
     features = in_tmp / "data" / "features"
     assert not features.exists() or not any(features.glob("*/manifest.json"))
+
+
+@pytest.mark.parametrize("argv", [["-v", "extract"], ["extract", "-v"], ["heads", "--verbose"]])
+def test_verbose_before_or_after_subcommand(argv):
+    assert build_parser().parse_args(argv).verbose is True
+
+
+def test_verbose_off_by_default():
+    assert build_parser().parse_args(["extract"]).verbose is False
