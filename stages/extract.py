@@ -203,7 +203,8 @@ def _run_extraction(settings: ExtractSettings, context: DistributedContext) -> E
             fields, key, folder, existing = _locate_store(settings, dataset, backbone.provenance())
             if _is_cache_hit(existing, key, settings):
                 logger.info("Cache hit: store %s is complete for key %s.", folder, key[:12])
-                mark_used(folder)
+                if context.is_main:
+                    mark_used(folder)
                 return ExtractionResult(folder, True, 0, len(existing.get("skipped", [])), time.perf_counter() - started)
         provenance = backbone.provenance()
 
