@@ -33,7 +33,7 @@ FOLD_TOLERANCE = 1e-3
 
 @dataclass
 class FoldReport:
-    """What folding did to a model: pairs folded, and why it was skipped when it was."""
+    """Outcome of folding a model: the pairs folded, or the reason nothing was folded."""
 
     folded: list[tuple[str, str]] = field(default_factory=list)  # (convolution, batch norm) module names
     reason: str = ""  # why nothing was folded, empty when pairs were folded
@@ -42,7 +42,7 @@ class FoldReport:
 
 
 class NormActivation(nn.Module):
-    """What is left of a batch norm with a built-in activation (timm's BatchNormAct2d) once the norm is folded."""
+    """Dropout and activation that remain of timm's BatchNormAct2d once its batch norm is folded."""
 
     def __init__(self, drop: nn.Module, act: nn.Module) -> None:
         super().__init__()
@@ -95,8 +95,11 @@ def find_pairs(model: nn.Module) -> list[tuple[str, str]]:
 def fold_pair(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
     """Scale the convolution's weights and set its bias so that it outputs what the batch norm after it did."""
     with torch.no_grad():
-        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps) if norm.affine else 1 / torch.sqrt(norm.running_var + norm.eps)
-        shift = norm.bias if norm.affine else torch.zeros_like(norm.running_mean)
+        scale = 1 / torch.sqrt(norm.running_var + norm.eps)
+        shift = torch.zeros_like(norm.running_mean)
+        if norm.affine:
+            scale = norm.weight * scale
+            shift = norm.bias
         bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
         conv.weight.copy_(conv.weight * scale.reshape(-1, *([1] * (conv.weight.dim() - 1))))
         folded_bias = (bias - norm.running_mean) * scale + shift
@@ -171,7 +174,8 @@ def fold_backbone(backbone: "Backbone", taps: list[str], sample: torch.Tensor) -
     with torch.inference_mode():
         after = TapExtractor(backbone, taps, "avg")(sample)
     for tap in taps:
-        difference = float(torch.linalg.vector_norm(after[tap] - before[tap]) / torch.linalg.vector_norm(before[tap]).clamp_min(1e-12))
+        size = torch.linalg.vector_norm(before[tap]).clamp_min(1e-12)
+        difference = float(torch.linalg.vector_norm(after[tap] - before[tap]) / size)
         if not difference <= FOLD_TOLERANCE:
             unfold_batchnorm(model, report)
             logger.warning(

@@ -97,10 +97,10 @@ class ExtractSettings:
     name: str | None = None
     # Mixed precision of the forward pass: "none" (float32), "bf16", or "fp16" (CUDA only); part of the cache key.
     amp: str = "none"
-    # Run the backbone and its input batches in channels-last memory format: faster convolutions on
-    # CPUs (oneDNN) and on GPUs; part of the cache key, because float rounding differs.
+    # Run the backbone and its input batches in channels-last memory format, for faster convolutions
+    # on CPUs and GPUs. It is part of the cache key, because float rounding differs.
     channels_last: bool = True
-    # Fold each batch norm into the convolution before it (pipeline.folding); part of the cache key.
+    # Fold each batch norm into the convolution before it (pipeline.folding). Part of the cache key.
     fold_batchnorm: bool = True
     # Compile the backbone with torch.compile; the first batch then includes the compile time.
     compile: bool = False

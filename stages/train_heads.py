@@ -110,8 +110,8 @@ def run_heads(settings: HeadSettings, features_root: Path = Path("data/features"
 
         from stages.training import train_units
 
-        # settings.threads for torch's pool; one thread for the BLAS of numpy and scikit-learn, whose
-        # L-BFGS on 1,280 features ran 3 times slower with 2 threads than with 1 (2-core CPU)
+        # torch gets settings.threads. numpy and scikit-learn get one BLAS thread, because their
+        # L-BFGS on 1,280 features ran 3 times slower with 2 threads than with 1 (2-core CPU).
         threads = torch.get_num_threads()
         try:
             with threadpool_limits(limits=1, user_api="blas"):

@@ -77,7 +77,7 @@ def test_folds_conv_norm_pairs_and_keeps_outputs():
     assert torch.allclose(model(_input()), expected, atol=1e-5)
 
 
-def test_conv_feeding_more_than_the_norm_is_left_alone():
+def test_conv_with_second_user_not_folded():
     model = SharedConvOutput().eval()
     assert find_pairs(model) == []
     expected = model(_input())
@@ -104,7 +104,8 @@ def test_untraceable_model_is_unchanged_with_a_reason():
 
 def test_training_mode_model_is_not_folded():
     report = fold_batchnorm(ConvNorm().train())
-    assert report.folded == [] and "training" in report.reason
+    assert report.folded == []
+    assert "training" in report.reason
 
 
 def test_lite0_features_unchanged_by_folding():
