@@ -22,7 +22,7 @@ from pipeline.settings import DatasetSettings, ExtractSettings
 from pipeline.store import FeatureStore, StoreError, read_manifest
 from stages.extract import run_extraction
 from stages.inspect import verify_store
-from tests.conftest import write_colour_image
+from tests.conftest import COLOURS, write_colour_image
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONE = ("test_efficientnet", "random")
@@ -314,25 +314,41 @@ def run_until_shards(command: list[str], shards: Path, count: int, delay: float)
             process.send_signal(signal.SIGKILL)
             break
         time.sleep(0.005)
-    return process.wait()
+    code = process.wait()
+    written = len(list(shards.glob("*.h5"))) if shards.is_dir() else 0
+    assert code == -signal.SIGKILL, f"extraction ended with code {code} before the kill at {count} shards ({written} written)"
+    return written
+
+
+def many_colours(root: Path, per_class: int) -> Path:
+    """A class-per-folder dataset of 3 classes with ``per_class`` train images each, all 16 x 16 PNGs."""
+    seed = 0
+    for name, colour in COLOURS.items():
+        for item in range(per_class):
+            seed += 1
+            write_colour_image(root / "train" / name / f"{name}_{item:03d}.png", colour, seed, size=(16, 16))
+    return root
 
 
 @pytest.mark.slow
-def test_kill_resume_matches_uninterrupted(colour_folder: Path, tmp_path: Path) -> None:
+def test_kill_resume_matches_uninterrupted(tmp_path: Path) -> None:
+    # 240 images make 120 shards. Each kill point below leaves about 60 shards unwritten.
+    # That is about a second of work here, so a killed run stays incomplete.
+    source = many_colours(tmp_path / "colours", per_class=80)
     options = dict(shard_size=2, batch_size=2)
-    reference = run_extraction(settings_for(colour_folder, tmp_path / "reference", **options))
+    reference = run_extraction(settings_for(source, tmp_path / "reference", **options))
     output = tmp_path / "killed"
     command = [
-        sys.executable, "-m", "pipeline", "extract", "--data", str(colour_folder), "--backbone", BACKBONE[0],
+        sys.executable, "-m", "pipeline", "extract", "--data", str(source), "--backbone", BACKBONE[0],
         "--weights", BACKBONE[1], "--workers", "0", "--device", "cpu", "--shard-size", "2", "--batch-size", "2",
         "--output", str(output), "--name", "store",
     ]
     shards = output / "store" / "shards"
 
-    # after the first shard, after three more, and between two shard writes
-    for count, delay in ((1, 0.0), (4, 0.0), (7, 0.05)):
-        code = run_until_shards(command, shards, count, delay)
-        assert code == -signal.SIGKILL
+    # after the first shard, after some more, and between two shard writes
+    for count, delay in ((1, 0.0), (30, 0.0), (60, 0.02)):
+        written = run_until_shards(command, shards, count, delay)
+        assert count <= written < 120
         assert read_manifest(output / "store")["complete"] is False
     completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert completed.returncode == 0, completed.stderr
