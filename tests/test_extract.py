@@ -321,7 +321,7 @@ def run_until_shards(command: list[str], shards: Path, count: int, delay: float)
 
 
 def many_colours(root: Path, per_class: int) -> Path:
-    """A class-per-folder dataset of 3 classes with ``per_class`` train images each, all 16 x 16 PNGs."""
+    """Write a class-per-folder dataset of 3 classes with ``per_class`` train images each, all 16 x 16 PNGs."""
     seed = 0
     for name, colour in COLOURS.items():
         for item in range(per_class):
