@@ -1,76 +1,60 @@
-"""Return freed heap memory to the operating system, so that stage one's resident memory stays flat.
+"""Keep stage one's memory off the page-fault path and its resident size flat in the dataset size.
 
-glibc's malloc raises its mmap threshold after large blocks are freed, so later large blocks
-(activations, shard arrays) come from the heap, which then fragments and grows with the number of
-batches. Measured with efficientnet_lite0 on cifar10-small (benchmarks/extract_memory.py): the
-main process peak grew 19% from 600 to 6,000 images without trimming, 8% and 17% in two runs with a
-trim every 8 batches, and 1% with a trim after every batch, which cost about 5% of the speed.
+By default glibc's malloc serves every block above its mmap threshold with a fresh mmap and
+unmaps it on free. The threshold starts at 128 KiB and rises to at most 32 MiB as large blocks
+are freed, so each batch's activations are faulted in page by page again. With efficientnet_lite0 at batch 32 on a 2-core
+CPU, that was about 2 million minor page faults per 320 images, and the kernel's time for them
+was about 40% of the forward pass's CPU time. ``keep_heap`` serves blocks below 1 GiB from the
+heap and keeps freed memory there, so the next batch reuses it: the same forward passes ran 2x
+faster. Since each batch allocates the same blocks, the heap stops growing after the first
+batches, and resident memory stays flat in the number of images.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import sys
 
 logger = logging.getLogger(__name__)
 
-_libc: ctypes.CDLL | None = None
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+# Blocks below this size come from the heap, and free memory at the top of the heap is kept up to
+# this size. With 256 MiB, Lite0 at batch 32 still took 760,000 faults per 320 images.
+HEAP_BLOCK_LIMIT = 1 << 30
+
+_heap_kept = False
 
 
 def _load_libc() -> ctypes.CDLL | None:
-    global _libc
-    if _libc is None and sys.platform.startswith("linux"):
-        try:
-            _libc = ctypes.CDLL("libc.so.6")
-        except OSError:
-            logger.debug("libc.so.6 not found; heap trimming is off")
-    return _libc
-
-
-def trim_heap() -> bool:
-    """Ask glibc to release free heap memory (malloc_trim); return False where that is unavailable."""
-    libc = _load_libc()
-    if libc is None or not hasattr(libc, "malloc_trim"):
-        return False
-    return bool(libc.malloc_trim(0))
-
-
-def resident_bytes() -> int | None:
-    """Return this process's resident memory in bytes (Linux /proc/self/statm), or None where unavailable."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        with open("/proc/self/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
         return None
 
 
-class HeapGuard:
-    """Trim the heap whenever resident memory has grown more than ``growth`` above its level after the first batch.
+def keep_heap(limit: int = HEAP_BLOCK_LIMIT) -> bool:
+    """Serve blocks below ``limit`` bytes from the heap and keep freed heap memory for reuse.
 
-    Trimming costs speed, because the memory it returns must be faulted in again, so a fixed
-    schedule either trims too often or lets the peak drift. The guard reads the resident size
-    after each batch (a read of /proc/self/statm) and trims only when it crossed the limit. When
-    memory is still above the limit right after a trim, the memory is in use, and the limit moves up.
+    Sets glibc's mmap and trim thresholds for the whole process, once. Processes forked later
+    inherit them. Blocks of ``limit`` bytes or more are still mapped and unmapped one by one.
+    Returns False where glibc is not the C library or rejects the thresholds.
     """
-
-    def __init__(self, growth: float = 0.05) -> None:
-        self.growth = growth
-        self.limit: int | None = None
-        self.trims = 0
-
-    def check(self) -> None:
-        resident = resident_bytes()
-        if resident is None:
-            return
-        if self.limit is None:
-            self.limit = int(resident * (1 + self.growth))
-            return
-        if resident <= self.limit:
-            return
-        trim_heap()
-        self.trims += 1
-        after = resident_bytes() or resident
-        if after > self.limit:
-            self.limit = int(after * (1 + self.growth))
+    global _heap_kept
+    if _heap_kept:
+        return True
+    libc = _load_libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        logger.debug("glibc not found: malloc keeps its mmap and trim thresholds")
+        return False
+    if not (libc.mallopt(M_MMAP_THRESHOLD, limit) and libc.mallopt(M_TRIM_THRESHOLD, limit)):
+        logger.debug("glibc rejected mmap and trim thresholds of %d bytes: malloc keeps its defaults", limit)
+        return False
+    _heap_kept = True
+    logger.debug("Blocks below %d bytes now come from the heap, and freed heap memory is kept for reuse", limit)
+    return True

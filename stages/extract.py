@@ -25,7 +25,7 @@ from pipeline.datasets import Dataset, load_dataset
 from pipeline.devices import autocast_context, check_amp, default_batch_size, prepare_model, to_device
 from pipeline.distributed import DistributedContext, start_distributed
 from pipeline.identity import cached_identity, remember_identity
-from pipeline.memory import HeapGuard
+from pipeline.memory import keep_heap
 from pipeline.rank_records import finish_writer, open_writer
 from pipeline.settings import ExtractSettings, settings_to_dict
 from pipeline.store import (
@@ -258,13 +258,15 @@ def _run_extraction(settings: ExtractSettings, context: DistributedContext) -> E
 def prepare_backbone(backbone: "Backbone", settings: ExtractSettings, device: "torch.device") -> None:
     """Get a frozen backbone ready for stage one's forward passes, in place.
 
-    Moves it to the device, folds its batch norms into their convolutions (``settings.fold_batchnorm``),
-    then applies channels-last and ``torch.compile`` as the settings ask.
+    Keeps freed memory on the heap for the next batch (``keep_heap``), moves the backbone to the
+    device, folds its batch norms into their convolutions (``settings.fold_batchnorm``), then
+    applies channels-last and ``torch.compile`` as the settings ask.
     """
     import torch
 
     from pipeline.folding import fold_backbone
 
+    keep_heap()
     backbone.model.to(device)
     if settings.fold_batchnorm:
         crop = backbone.preprocessing.crop_size
@@ -335,6 +337,7 @@ def _extract_pending(
         pin_memory=device.type == "cuda",
     )
     # The workers start decoding the first batches while the backbone is folded and moved.
+    keep_heap()  # before the workers fork, so that they keep their heap too
     batch_iterator = iter(loader)
     prepare_backbone(backbone, settings, device)
     extractor = TapExtractor(backbone, settings.taps, settings.pooling, settings.max_flatten_dim)
@@ -350,7 +353,6 @@ def _extract_pending(
         remaining[index // shard_size] += 1
     tap_dims: dict[str, int] = {}
     extracted = 0
-    heap_guard = HeapGuard()
 
     # shards are written by a background thread, so HDF5 writes overlap with the next forward passes
     progress = tqdm(total=len(rows), unit="view", desc=f"extract {backbone.name}", dynamic_ncols=True)
@@ -381,9 +383,6 @@ def _extract_pending(
                 if remaining[shard] == 0:
                     background.submit(_flush_shard, writer, dataset, shard, buffers.pop(shard), settings, tap_dims)
             extracted += sum(1 for _, view in batch.rows if view == DETERMINISTIC_VIEW)
-            # Without trimming, glibc's heap fragments and resident memory grows with the number of
-            # batches. The guard trims only when memory has grown since its last trim.
-            heap_guard.check()
             progress.update(len(batch.rows) + len(batch.failures))
 
     return extracted, tap_dims
