@@ -30,6 +30,7 @@ from pipeline.backbones import RANDOM_WEIGHTS, Backbone, build_backbone, resolve
 from pipeline.cachekey import dataset_fingerprint
 from pipeline.datasets import Dataset, load_dataset
 from pipeline.images import ImageFileDataset, build_transform, collate_items
+from pipeline.memory import keep_heap
 from pipeline.settings import DATA_ROOT, DatasetSettings, SettingsError, settings_to_dict
 from pipeline.store import FeatureStore
 
@@ -255,6 +256,7 @@ def run_finetune(settings: FinetuneSettings) -> dict[str, Any]:
         )
 
     # network: new classifier, chosen layers unfrozen
+    keep_heap()  # each step's activations and gradients reuse the heap instead of faulting in again
     torch.manual_seed(settings.seed)
     backbone = build_backbone(
         backbone_name, RANDOM_WEIGHTS if settings.from_scratch else weights,
