@@ -153,18 +153,22 @@ def build_transform(preprocessing: Preprocessing) -> T.Compose:
     )
 
 
-def normalize_batch(images: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
+def normalize_batch(
+    images: torch.Tensor, preprocessing: Preprocessing, memory_format: torch.memory_format = torch.preserve_format
+) -> torch.Tensor:
     """Scale a uint8 (B, 3, H, W) batch to [0, 1] and normalize it, as ``build_transform`` does image by image.
 
-    The result is float32 in the memory format of ``images``. It equals ``build_transform``'s
-    output up to float rounding (about 1e-7).
+    The result is float32 in ``memory_format`` (by default that of ``images``). It equals
+    ``build_transform``'s output up to float rounding (about 1e-7).
     """
     if images.dtype != torch.uint8:
         raise TypeError(f"normalize_batch expects a uint8 batch, got {images.dtype}.")
     mean = torch.tensor(preprocessing.mean, dtype=torch.float32, device=images.device).reshape(1, -1, 1, 1)
     std = torch.tensor(preprocessing.std, dtype=torch.float32, device=images.device).reshape(1, -1, 1, 1)
-    # (x / 255 - mean) / std as one multiply and one add
-    return images.to(torch.float32).mul_(1.0 / (255.0 * std)).sub_(mean / std)
+    # (x / 255 - mean) / std as one multiply and one subtraction. The multiply converts to float32
+    # and to the memory format in the same pass, which took half the time of three passes on the CPU.
+    normalized = torch.empty_like(images, dtype=torch.float32, memory_format=memory_format)
+    return torch.mul(images, 1.0 / (255.0 * std), out=normalized).sub_(mean / std)
 
 
 @dataclass

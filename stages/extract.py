@@ -361,8 +361,9 @@ def _extract_pending(
             outputs: dict[str, np.ndarray] = {}
             if batch.images is not None:
                 with autocast_context(settings.amp, device):
-                    images = to_device(batch.images, device, settings.channels_last)  # uint8
-                    tapped = extractor(normalize_batch(images, backbone.preprocessing))
+                    images = to_device(batch.images, device, channels_last=False)  # uint8
+                    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+                    tapped = extractor(normalize_batch(images, backbone.preprocessing, memory_format))
                 outputs = {tap: value.float().cpu().numpy() for tap, value in tapped.items()}  # tap -> (B, D)
                 tap_dims = {tap: int(value.shape[1]) for tap, value in outputs.items()}
 

@@ -54,6 +54,20 @@ def test_view_zero_is_the_evaluation_transform(colour_folder):
     assert torch.allclose(normalize_batch(image[None], SMALL)[0], expected, atol=1e-6)
 
 
+def test_normalize_batch_memory_formats():
+    images = torch.randint(0, 256, (4, 3, 9, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    plain = normalize_batch(images, SMALL)
+    last = normalize_batch(images, SMALL, torch.channels_last)
+    mean = torch.tensor(SMALL.mean).reshape(1, 3, 1, 1)
+    std = torch.tensor(SMALL.std).reshape(1, 3, 1, 1)
+
+    assert plain.dtype == torch.float32
+    assert plain.is_contiguous()
+    assert last.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(plain, last)
+    assert torch.allclose(plain, (images / 255.0 - mean) / std, atol=1e-6)
+
+
 def test_augmented_view_is_reproducible_and_order_free(colour_folder):
     dataset = colour_dataset(colour_folder)
     rows = [(0, 1), (0, 2), (1, 1)]
