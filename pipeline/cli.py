@@ -130,6 +130,9 @@ def add_heads_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overfit-gap", type=float, default=0.1, help="warn when train minus val accuracy exceeds this")
     parser.add_argument("--memory-budget-mb", type=float, default=2048.0, help="MiB per tap before linear/mlp heads stream")
     parser.add_argument("--cv-folds", type=int, default=3, help="cross-validation folds inside train when there is no val")
+    parser.add_argument("--cv-max-train", type=int, default=HeadSettings.cv_max_train,
+                        help="above this many train images, select on one held-out fold instead of cross-validating; "
+                             "0 always cross-validates")
     parser.add_argument("--pixel-size", type=int, default=16, help="side in pixels of the pixels control's images")
     parser.add_argument("--head-threads", type=int, default=HeadSettings.threads, help="torch CPU threads while heads train")
     parser.add_argument("--patience", type=int, default=HeadSettings.patience,
@@ -150,6 +153,7 @@ def heads_settings_from(args: argparse.Namespace, store: str | None = None) -> H
         overfit_gap=args.overfit_gap,
         memory_budget_mb=args.memory_budget_mb,
         cv_folds=args.cv_folds,
+        cv_max_train=args.cv_max_train,
         pixel_size=args.pixel_size,
         threads=args.head_threads,
         patience=args.patience,

@@ -183,6 +183,9 @@ class HeadSettings:
     memory_budget_mb: float = 2048.0
     # Cross-validation folds inside train, used for selection only when the store has no val split.
     cv_folds: int = 3
+    # Without a val split, train splits of more images than this select on one held-out fold
+    # (1/cv_folds of train: over 1,000 images by default) instead of cross-validating. 0 always cross-validates.
+    cv_max_train: int = 3000
     # Side in pixels of the downscaled images of the pixels control.
     pixel_size: int = 16
     # torch CPU threads while heads train (numpy and scikit-learn keep one BLAS thread). The MLP
@@ -212,6 +215,8 @@ class HeadSettings:
             raise SettingsError(f"memory_budget_mb={self.memory_budget_mb} is invalid: use a positive number of MiB.")
         if self.cv_folds < 2:
             raise SettingsError(f"cv_folds={self.cv_folds} is invalid: use 2 or more folds.")
+        if self.cv_max_train < 0:
+            raise SettingsError(f"cv_max_train={self.cv_max_train} is invalid: use 0 (always cross-validate) or more images.")
         if self.pixel_size < 1:
             raise SettingsError(f"pixel_size={self.pixel_size} is invalid: use a positive side in pixels.")
         if self.threads < 1:

@@ -47,7 +47,7 @@ def evaluation_split(data: TapData) -> tuple[str, np.ndarray, np.ndarray, list[s
 
 def sweep_head(head_name: str, data: TapData, settings: HeadSettings) -> Sweep:
     """Score every setting of a head's search space on val, or by cross-validation inside train."""
-    folds = make_folds(data, settings.cv_folds, settings.seed)
+    folds = make_folds(data, settings.cv_folds, settings.seed, settings.cv_max_train)
     space = SEARCH_SPACES.get(head_name, {})
     if head_name == "logreg":
         return sweep_logreg(folds, space, settings.class_weight)
@@ -89,7 +89,7 @@ def evaluate_in_memory(head_name: str, data: TapData, settings: HeadSettings, sw
         head, refit_on = fit_seed(head_name, sweep, data, settings, seed)
         return head, refit_on, head.predict_proba(X_eval)
 
-    return assemble(head_name, data.tap, control, sweep, selection_split_name(data, settings.cv_folds), eval_split, y_eval,
+    return assemble(head_name, data.tap, control, sweep, selection_split_name(data, settings.cv_folds, settings.cv_max_train), eval_split, y_eval,
                     fit_and_predict, settings, notes, started)
 
 

@@ -83,17 +83,36 @@ def parameter_grid(space: dict[str, list]) -> list[dict[str, Any]]:
     return [dict(zip(names, values)) for values in itertools.product(*(space[name] for name in names))]
 
 
-def selection_split_name(data: TapData, cv_folds: int) -> str:
-    return "val" if data.X_val is not None else f"{cv_folds}-fold cross-validation on train"
+def selection_method(data: TapData, cv_folds: int, cv_max_train: int) -> str:
+    """Return how settings are selected: on "val", on one "holdout" fold of train, or by "cv" over all folds."""
+    if data.X_val is not None:
+        return "val"
+    if cv_max_train and len(np.unique(data.groups)) > cv_max_train:
+        return "holdout"
+    return "cv"
 
 
-def make_folds(data: TapData, cv_folds: int, seed: int) -> list[Fold]:
-    """Return [train vs val] when val exists, else ``cv_folds`` stratified folds of train grouped by index."""
+def selection_split_name(data: TapData, cv_folds: int, cv_max_train: int = 0) -> str:
+    method = selection_method(data, cv_folds, cv_max_train)
+    if method == "holdout":
+        return f"a held-out 1/{cv_folds} of train"
+    return "val" if method == "val" else f"{cv_folds}-fold cross-validation on train"
+
+
+def make_folds(data: TapData, cv_folds: int, seed: int, cv_max_train: int = 0) -> list[Fold]:
+    """Return [train vs val] when val exists, else stratified folds of train grouped by index.
+
+    All ``cv_folds`` folds cross-validate train splits of up to ``cv_max_train`` images (any size
+    when it is 0). Larger ones hold out the first fold only.
+    """
     if data.X_val is not None:
         return [Fold(data.X_train, data.y_train, data.X_val, data.y_val)]
+    rows = fold_rows(data.y_train, data.groups, cv_folds, seed)
+    if selection_method(data, cv_folds, cv_max_train) == "holdout":
+        rows = rows[:1]
     return [Fold(data.X_train[fit_rows], data.y_train[fit_rows], data.X_train[select_rows], data.y_train[select_rows],
                  fit_rows, select_rows)
-            for fit_rows, select_rows in fold_rows(data.y_train, data.groups, cv_folds, seed)]
+            for fit_rows, select_rows in rows]
 
 
 # Recent fold_rows results. Every head and control of a run splits the same train rows, and

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.settings import HeadSettings, SettingsError, settings_to_dict
 from pipeline.store import FeatureStore, latest_store
 from stages.cache import ResultsIndex, result_key
@@ -94,6 +96,8 @@ def run_heads(settings: HeadSettings, features_root: Path = Path("data/features"
     output = Path(settings.output_root) / store.name
     index = ResultsIndex(output)
     selection = "val" if "val" in store.splits() else f"cv{settings.cv_folds}"
+    if selection != "val" and settings.cv_max_train and len(np.unique(store.indices("train"))) > settings.cv_max_train:
+        selection = f"holdout{settings.cv_folds}"
     units = plan_units(store, taps, settings)
     keys = {unit: result_key(store.key, unit.description(settings, selection)) for unit in units}
     results: dict[Unit, dict[str, Any]] = {}

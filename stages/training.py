@@ -26,7 +26,7 @@ def train_units(store: FeatureStore, units: list, settings: HeadSettings) -> Ite
     linear_taps = [unit.tap for unit in pretrained if unit.head == "linear" and not unit.streamed]
     for group in tap_groups(store, linear_taps, budget):
         datas = [store_tap_data(store, tap) for tap in group]
-        folds = {data.tap: make_folds(data, settings.cv_folds, settings.seed) for data in datas}
+        folds = {data.tap: make_folds(data, settings.cv_folds, settings.seed, settings.cv_max_train) for data in datas}
         logger.info("Training %d linear heads together on taps %s", len(datas) * grid_size("linear"), group)
         started = time.perf_counter()
         sweeps = sweep_linear_grid(datas, folds, SEARCH_SPACES["linear"], linear_grid_options(settings))
@@ -66,7 +66,7 @@ def train_controls(store: FeatureStore, units: list, settings: HeadSettings) -> 
             pixels = pixel_tap_data(store, settings.pixel_size)
             sweep = None
             if unit.head == "linear":
-                folds = {pixels.tap: make_folds(pixels, settings.cv_folds, settings.seed)}
+                folds = {pixels.tap: make_folds(pixels, settings.cv_folds, settings.seed, settings.cv_max_train)}
                 sweep = sweep_linear_grid([pixels], folds, SEARCH_SPACES["linear"], linear_grid_options(settings))[pixels.tap]
             yield (unit, *evaluate_in_memory(unit.head, pixels, settings, sweep=sweep, control="pixels",
                                              sweep_seconds=time.perf_counter() - started))

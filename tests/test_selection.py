@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.settings import SettingsError
-from stages.selection import SEARCH_SPACES, TapData, final_fit, make_folds, sweep_knn, sweep_logreg
+from stages.selection import SEARCH_SPACES, TapData, final_fit, make_folds, selection_split_name, sweep_knn, sweep_logreg
 
 
 def tap_data(with_val: bool, views: int = 1, seed: int = 0) -> TapData:
@@ -46,6 +46,29 @@ def test_folds_keep_views_of_one_image_together():
         fit_groups = {group_of[tuple(row)] for row in fold.X_train.tolist()}
         select_groups = {group_of[tuple(row)] for row in fold.X_select.tolist()}
         assert not fit_groups & select_groups
+
+
+def test_large_train_holds_out_first_fold():
+    data = tap_data(with_val=False, views=3)  # 60 images in 180 rows
+    folds = make_folds(data, cv_folds=3, seed=0)
+    held_out = make_folds(data, cv_folds=3, seed=0, cv_max_train=59)
+
+    assert len(held_out) == 1
+    assert np.array_equal(held_out[0].select_rows, folds[0].select_rows)
+    assert np.array_equal(held_out[0].fit_rows, folds[0].fit_rows)
+    assert len(held_out[0].select_rows) == 60  # a third of the rows, views of 20 images
+    assert selection_split_name(data, 3, cv_max_train=59) == "a held-out 1/3 of train"
+
+
+def test_train_up_to_limit_cross_validates():
+    data = tap_data(with_val=False, views=3)
+    # the limit counts images, not rows: 60 images, 180 rows
+    assert len(make_folds(data, cv_folds=3, seed=0, cv_max_train=60)) == 3
+    assert len(make_folds(data, cv_folds=3, seed=0, cv_max_train=0)) == 3
+    assert selection_split_name(data, 3, cv_max_train=60) == "3-fold cross-validation on train"
+    with_val = tap_data(with_val=True)
+    assert len(make_folds(with_val, cv_folds=3, seed=0, cv_max_train=1)) == 1
+    assert selection_split_name(with_val, 3, cv_max_train=1) == "val"
 
 
 def test_folds_reject_too_small_classes():

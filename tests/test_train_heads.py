@@ -6,6 +6,7 @@ import json
 import resource
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,21 @@ def test_store_without_val_selects_by_cross_validation(tmp_path):
         assert result["select_split"] == "3-fold cross-validation on train"
         assert result["eval_split"] == "test"
     assert by_unit(results)[("early", "linear")]["refit_on"].startswith("train (")
+
+
+def test_large_train_holdout_selection(tmp_path):
+    store = write_store(tmp_path / "store", counts={"train": 90, "test": 45})
+    settings = HeadSettings(store=str(store), heads=("logreg", "linear"), controls=("majority",), cv_max_train=89,
+                            output_root=str(tmp_path / "out"))
+    results = run_heads(settings)
+    for result in results:
+        assert result["select_split"] == "a held-out 1/3 of train"
+    assert by_unit(results)[("early", "logreg")]["refit_on"] == "train"
+    assert by_unit(results)[("early", "linear")]["refit_on"].startswith("train (")
+
+    # cross-validation is another selection, so its results are trained, not read from the cache
+    crossed = run_heads(replace(settings, cv_max_train=0))
+    assert all(result["select_split"] == "3-fold cross-validation on train" for result in crossed)
 
 
 def test_rerun_trains_only_missing_results(store_folder, tmp_path):
