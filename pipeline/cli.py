@@ -413,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     try:
         return args.handler(args)
+    except KeyboardInterrupt:
+        # stage one keeps every shard it wrote and stage two every result it cached
+        logger.error("Interrupted. The shards and results written so far are kept: rerun the same command to continue.")
+        return 130
     except Exception as error:
         if not isinstance(error, reported_errors()):
             raise

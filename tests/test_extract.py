@@ -360,6 +360,37 @@ def test_kill_resume_matches_uninterrupted(tmp_path: Path) -> None:
     assert manifest["complete"] is True
 
 
+@pytest.mark.slow
+def test_interrupt_then_resume(tmp_path: Path) -> None:
+    source = many_colours(tmp_path / "colours", per_class=80)
+    output = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "pipeline", "extract", "--data", str(source), "--backbone", BACKBONE[0],
+        "--weights", BACKBONE[1], "--workers", "1", "--device", "cpu", "--shard-size", "2", "--batch-size", "2",
+        "--output", str(output), "--name", "store",
+    ]
+    shards = output / "store" / "shards"
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline and len(list(shards.glob("*.h5"))) < 10:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 130, stderr
+    assert "Interrupted. The shards and results written so far are kept" in stderr
+    assert "Traceback" not in stderr
+    assert read_manifest(output / "store")["complete"] is False
+    written = len(list(shards.glob("*.h5")))
+    assert 10 <= written < 120
+
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert completed.returncode == 0, completed.stderr
+    assert "Resuming store" in completed.stderr
+    assert verify_store(output / "store") == []
+    assert read_manifest(output / "store")["complete"] is True
+
+
 @pytest.mark.real_data
 def test_hymenoptera_odd_files_extract(shared_datasets: Path, tmp_path: Path) -> None:
     ants = shared_datasets / "hymenoptera_data" / "train" / "ants"
