@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
 
 from pipeline.backbones import Preprocessing
-from pipeline.images import UnreadableImageError, build_transform, decode_image, to_rgb
+from pipeline.images import UnreadableImageError, build_geometry, build_transform, decode_image, pad_to_aspect_ratio, to_rgb
 
 SMALL = Preprocessing(36, 32, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "test")
 
@@ -121,6 +123,26 @@ def test_tiny_and_elongated_images_transform(tmp_path: Path) -> None:
         tensor = transform(decode_image(path).image)
         assert tuple(tensor.shape) == (3, 32, 32)
         assert bool(torch.isfinite(tensor).all())
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_geometry_matches_torchvision_compose(interpolation: str) -> None:
+    preprocessing = Preprocessing(256, 224, interpolation, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "test")
+    compose = T.Compose([
+        T.PILToTensor(),
+        T.Lambda(pad_to_aspect_ratio),
+        T.Resize(256, interpolation=InterpolationMode(interpolation), antialias=True),
+        T.CenterCrop(224),
+    ])
+    geometry = build_geometry(preprocessing)
+    # upscaled, downscaled, odd sizes, and an image elongated past the padding ratio
+    for seed, (height, width) in enumerate(((32, 32), (375, 500), (333, 251), (256, 256), (20, 900))):
+        image = Image.fromarray(noise(height, width, seed))
+        expected = compose(image)
+        result = geometry(image)
+        assert result.dtype == torch.uint8
+        assert tuple(result.shape) == (3, 224, 224)
+        assert torch.equal(result, expected)
 
 
 def test_pixel_limit_rejects_large_image(tmp_path: Path) -> None:
