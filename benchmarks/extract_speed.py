@@ -6,7 +6,9 @@
     backbone as built, unprepared, are printed as (a0) to show what the preparation gains.
 (b) naive loop: what a user writes by hand, with torchvision ImageFolder, a DataLoader with its
     default settings (0 workers unless --naive-workers), the full model under torch.no_grad, and
-    the features collected as numpy arrays.
+    the features collected as numpy arrays. It runs in a fresh process started for it, because
+    featcache sets malloc's thresholds for its whole process (pipeline/memory.py) and a
+    hand-written script keeps the defaults. (b here) is the same loop in this process.
 (c) featcache: ``run_extraction`` with its default settings, into a store in a temporary folder,
     timed over its decode-forward-write loop (without the backbone load, as (a) and (b)).
 
@@ -90,6 +92,20 @@ def measure_naive(backbone: Backbone, folder: Path, batch_size: int, workers: in
     return count / timer.seconds, count
 
 
+def naive_in_fresh_process(backbone_name: str, weights: str, folder: Path, batch_size: int, workers: int) -> float:
+    """Return images/s of the naive loop run in a new interpreter, with the C library's default malloc settings."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # the executor's process may start DataLoader workers of its own (--naive-workers)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_naive_rate, backbone_name, weights, folder, batch_size, workers).result()
+
+
+def _naive_rate(backbone_name: str, weights: str, folder: Path, batch_size: int, workers: int) -> float:
+    return measure_naive(build_backbone(backbone_name, weights), folder, batch_size, workers)[0]
+
+
 def measure_featcache(folder: Path, output: Path, args: argparse.Namespace, draft: bool) -> tuple[float, ExtractSettings]:
     """Return images/s of run_extraction's loop with the default workers and batch size."""
     settings = ExtractSettings(
@@ -141,13 +157,14 @@ def main() -> None:
             f"(a) forward only, prepared as featcache runs it (batch norms folded: {defaults.fold_batchnorm}, "
             f"channels-last: {defaults.channels_last}), batch {args.batch_size}, tensors in memory"
         )
-        print(f"(b) naive loop, batch {args.batch_size}, {args.naive_workers} workers")
+        print(f"(b) naive loop, batch {args.batch_size}, {args.naive_workers} workers, in a fresh process; (b here) in this one")
         print(f"(c) featcache extract, default batch size and workers, draft on")
-        rates: dict[str, list[float]] = {"a": [], "b": [], "c": [], "c, no draft": []}
+        rates: dict[str, list[float]] = {"a": [], "b": [], "b here": [], "c": [], "c, no draft": []}
         # (a), (b) and (c) take turns, so that a slow spell of a shared machine hits all three
         for round_number in range(1, args.repeats + 1):
             rates["a"].append(measure_forward_only(prepared, laid_out, args.batch_size))
-            rates["b"].append(measure_naive(backbone, folder, args.batch_size, args.naive_workers)[0])
+            rates["b"].append(naive_in_fresh_process(args.backbone, args.weights, folder, args.batch_size, args.naive_workers))
+            rates["b here"].append(measure_naive(backbone, folder, args.batch_size, args.naive_workers)[0])
             rates["c"].append(measure_featcache(folder, Path(scratch) / "features", args, draft=True)[0])
             if args.no_draft_too:
                 rates["c, no draft"].append(measure_featcache(folder, Path(scratch) / "features-full", args, draft=False)[0])
