@@ -7,7 +7,8 @@ CPU, that was about 2 million minor page faults per 320 images, and the kernel's
 was about 40% of the forward pass's CPU time. ``keep_heap`` serves blocks below 1 GiB from the
 heap and keeps freed memory there, so the next batch reuses it: the same forward passes ran 2x
 faster. Since each batch allocates the same blocks, the heap stops growing after the first
-batches, and resident memory stays flat in the number of images.
+batches, and resident memory stays flat in the number of images. ``release_free_heap`` returns
+the free part of the heap to the system before stage one forks its workers.
 """
 
 from __future__ import annotations
@@ -57,4 +58,18 @@ def keep_heap(limit: int = HEAP_BLOCK_LIMIT) -> bool:
         return False
     _heap_kept = True
     logger.debug("Blocks below %d bytes now come from the heap, and freed heap memory is kept for reuse", limit)
+    return True
+
+
+def release_free_heap() -> bool:
+    """Return the heap's free memory to the system (glibc malloc_trim). Returns False where glibc is unavailable.
+
+    Called before stage one forks its workers. A free heap page shared with a worker would be
+    copied on the main process's first write to it, and a process that ran a backbone before
+    keeps hundreds of MiB of such pages.
+    """
+    libc = _load_libc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    libc.malloc_trim(0)
     return True

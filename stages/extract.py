@@ -25,7 +25,7 @@ from pipeline.datasets import Dataset, load_dataset
 from pipeline.devices import autocast_context, check_amp, default_batch_size, prepare_model, to_device
 from pipeline.distributed import DistributedContext, start_distributed
 from pipeline.identity import cached_identity, remember_identity
-from pipeline.memory import keep_heap
+from pipeline.memory import keep_heap, release_free_heap
 from pipeline.rank_records import finish_writer, open_writer
 from pipeline.settings import ExtractSettings, settings_to_dict
 from pipeline.store import (
@@ -260,7 +260,7 @@ def prepare_backbone(backbone: "Backbone", settings: ExtractSettings, device: "t
 
     Keeps freed memory on the heap for the next batch (``keep_heap``), moves the backbone to the
     device, folds its batch norms into their convolutions (``settings.fold_batchnorm``), then
-    applies channels-last and ``torch.compile`` as the settings ask.
+    applies channels-last and ``torch.compile`` as the settings request.
     """
     import torch
 
@@ -338,6 +338,8 @@ def _extract_pending(
     )
     # The workers start decoding the first batches while the backbone is folded and moved.
     keep_heap()  # before the workers fork, so that they keep their heap too
+    if settings.workers:
+        release_free_heap()
     batch_iterator = iter(loader)
     prepare_backbone(backbone, settings, device)
     extractor = TapExtractor(backbone, settings.taps, settings.pooling, settings.max_flatten_dim)
