@@ -9,8 +9,11 @@ count, batch size and order of the data loader.
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -62,11 +65,15 @@ def apply_seeded(transform, image, seed: int) -> torch.Tensor:
     """Apply a random transform with torch's CPU generator seeded for this call only.
 
     torchvision's v2 transforms draw from the global torch generator and take no generator
-    argument, so the global state is forked, seeded, and restored afterwards.
+    argument, so the global state is forked, seeded, and restored afterwards. A lock keeps
+    threads that decode in the same process from seeding the generator in between.
     """
-    with torch.random.fork_rng(devices=[]):
+    with _GLOBAL_GENERATOR, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return transform(image)
+
+
+_GLOBAL_GENERATOR = threading.Lock()
 
 
 @dataclass
@@ -137,6 +144,17 @@ class ViewBatch:
     modes: list[str]
     orientations: list[int]
     failures: list[tuple[int, int, str]]  # (index, view, reason)
+
+
+def decode_in_threads(dataset: ViewDataset, batches: list[list[int]], threads: int) -> Iterator[ViewBatch]:
+    """Yield the batches of ``dataset`` decoded in ``threads`` threads of this process, one batch at a time.
+
+    The next batch is decoded only when the caller requests it, so on the CPU decoding and the
+    forward pass take turns, each on every core. Pillow's decoders and torch's resize release the GIL.
+    """
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode") as pool:
+        for batch in batches:
+            yield collate_views(list(pool.map(dataset.__getitem__, batch)))
 
 
 def collate_views(items: list[ViewItem]) -> ViewBatch:

@@ -51,7 +51,9 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored feature type")
     parser.add_argument("--batch-size", type=int, default=0, help="images per forward pass (0: 32 on CPU, 128 on CUDA)")
     parser.add_argument(
-        "--workers", type=int, default=default_workers(), help="data-loading worker processes (0: main process; default: cores - 1)"
+        "--workers", type=int, default=default_workers(),
+        help="data-loading worker processes (0: threads of the main process, between forward passes; "
+             "default: 0 on up to 2 cores, else cores - 1)",
     )
     parser.add_argument("--shard-size", type=int, default=1024, help="samples per HDF5 shard")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")

@@ -86,8 +86,8 @@ class ExtractSettings:
     shard_size: int = 1024
     # Images per forward pass; 0 picks one for the device (pipeline.devices.default_batch_size).
     batch_size: int = 0
-    # Data-loading worker processes; 0 decodes in the main process. The default is one fewer than
-    # the available cores (pipeline.devices.default_workers explains why).
+    # Data-loading worker processes; 0 decodes in threads of the main process between forward
+    # passes. The default is 0 on up to 2 cores, else cores - 1 (pipeline.devices.default_workers).
     workers: int = field(default_factory=default_workers)
     # "cpu", "cuda", "cuda:N" or "auto" (a GPU when there is one).
     device: str = "auto"

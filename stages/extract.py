@@ -302,7 +302,7 @@ def _extract_pending(
     import torch
     from tqdm.auto import tqdm
 
-    from pipeline.augment import DETERMINISTIC_VIEW, ViewDataset, collate_views, get_policy, view_rows
+    from pipeline.augment import DETERMINISTIC_VIEW, ViewDataset, collate_views, decode_in_threads, get_policy, view_rows
     from pipeline.backbones import resolve_device
     from pipeline.images import normalize_batch
     from pipeline.taps import TapExtractor
@@ -324,23 +324,22 @@ def _extract_pending(
     check_amp(settings.amp, device)
     policy = get_policy(settings.augment) if settings.views else None
     draft_size = backbone.preprocessing.resize_size if settings.draft else None
-    # The loader's workers start here, while no HDF5 file is open: shards are opened only inside
-    # write_shard_file and closed before it returns, so no worker inherits a handle.
-    loader = torch.utils.data.DataLoader(
-        ViewDataset(
-            dataset.root, dataset.samples, backbone.preprocessing, rows, policy, settings.view_seed,
-            settings.max_image_pixels, draft_size,
-        ),
-        batch_sampler=batches,
-        num_workers=settings.workers,
-        collate_fn=collate_views,
-        pin_memory=device.type == "cuda",
+    views = ViewDataset(
+        dataset.root, dataset.samples, backbone.preprocessing, rows, policy, settings.view_seed,
+        settings.max_image_pixels, draft_size,
     )
-    # The workers start decoding the first batches while the backbone is folded and moved.
-    keep_heap()  # before the workers fork, so that they keep their heap too
+    keep_heap()  # before any worker forks, so that the workers keep their heap too
     if settings.workers:
+        # The loader's workers start here, while no HDF5 file is open: shards are opened only inside
+        # write_shard_file and closed before it returns, so no worker inherits a handle.
+        loader = torch.utils.data.DataLoader(
+            views, batch_sampler=batches, num_workers=settings.workers, collate_fn=collate_views,
+            pin_memory=device.type == "cuda",
+        )
         release_free_heap()
-    batch_iterator = iter(loader)
+        batch_iterator = iter(loader)  # the workers decode the first batches while the backbone is prepared
+    else:
+        batch_iterator = decode_in_threads(views, batches, torch.get_num_threads())
     prepare_backbone(backbone, settings, device)
     extractor = TapExtractor(backbone, settings.taps, settings.pooling, settings.max_flatten_dim)
     logger.info(

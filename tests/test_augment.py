@@ -15,6 +15,8 @@ from pipeline.augment import (
     ViewDataset,
     augmentation_key,
     build_augment_transform,
+    collate_views,
+    decode_in_threads,
     view_rows,
     view_seed,
 )
@@ -66,6 +68,20 @@ def test_normalize_batch_memory_formats():
     assert last.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(plain, last)
     assert torch.allclose(plain, (images / 255.0 - mean) / std, atol=1e-6)
+
+
+def test_threaded_decoding_matches_serial(colour_folder):
+    dataset = colour_dataset(colour_folder)
+    rows = view_rows(dataset.samples, list(range(len(dataset.samples))), 2)
+    views = ViewDataset(dataset.root, dataset.samples, SMALL, rows, POLICIES["standard"], seed=3)
+    batches = [list(range(start, min(start + 7, len(rows)))) for start in range(0, len(rows), 7)]
+    serial = [collate_views([views[position] for position in batch]) for batch in batches]
+    threaded = list(decode_in_threads(views, batches, threads=4))
+
+    assert len(threaded) == len(serial)
+    for expected, result in zip(serial, threaded):
+        assert result.rows == expected.rows
+        assert torch.equal(result.images, expected.images)
 
 
 def test_augmented_view_is_reproducible_and_order_free(colour_folder):

@@ -11,8 +11,8 @@ from pipeline.cli import build_parser, extract_settings_from, main
 from pipeline.settings import DatasetSettings, ExtractSettings, SettingsError
 
 
-@pytest.mark.parametrize(("cores", "workers"), [(1, 0), (2, 1), (4, 3), (64, devices.MAX_WORKERS)])
-def test_default_workers_one_fewer_than_cores(monkeypatch, cores, workers):
+@pytest.mark.parametrize(("cores", "workers"), [(1, 0), (2, 0), (3, 2), (4, 3), (64, devices.MAX_WORKERS)])
+def test_default_workers_by_cores(monkeypatch, cores, workers):
     monkeypatch.setattr(devices, "available_cpus", lambda: cores)
     assert devices.default_workers() == workers
 
