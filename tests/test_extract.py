@@ -337,6 +337,15 @@ def many_colours(root: Path, per_class: int) -> Path:
     return root
 
 
+def two_image_shards_command(source: Path, output: Path, workers: int) -> list[str]:
+    """Return the extract command line that writes ``source`` into ``output/store`` in shards of 2 images."""
+    return [
+        sys.executable, "-m", "pipeline", "extract", "--data", str(source), "--backbone", BACKBONE[0],
+        "--weights", BACKBONE[1], "--workers", str(workers), "--device", "cpu", "--shard-size", "2", "--batch-size", "2",
+        "--output", str(output), "--name", "store",
+    ]
+
+
 @pytest.mark.slow
 def test_kill_resume_matches_uninterrupted(tmp_path: Path) -> None:
     # 240 images make 120 shards. Each kill point below leaves about 60 shards unwritten.
@@ -345,11 +354,7 @@ def test_kill_resume_matches_uninterrupted(tmp_path: Path) -> None:
     options = dict(shard_size=2, batch_size=2)
     reference = run_extraction(settings_for(source, tmp_path / "reference", **options))
     output = tmp_path / "killed"
-    command = [
-        sys.executable, "-m", "pipeline", "extract", "--data", str(source), "--backbone", BACKBONE[0],
-        "--weights", BACKBONE[1], "--workers", "0", "--device", "cpu", "--shard-size", "2", "--batch-size", "2",
-        "--output", str(output), "--name", "store",
-    ]
+    command = two_image_shards_command(source, output, workers=0)
     shards = output / "store" / "shards"
 
     # after the first shard, after some more, and between two shard writes
@@ -371,11 +376,7 @@ def test_kill_resume_matches_uninterrupted(tmp_path: Path) -> None:
 def test_interrupt_then_resume(tmp_path: Path) -> None:
     source = many_colours(tmp_path / "colours", per_class=80)
     output = tmp_path / "out"
-    command = [
-        sys.executable, "-m", "pipeline", "extract", "--data", str(source), "--backbone", BACKBONE[0],
-        "--weights", BACKBONE[1], "--workers", "1", "--device", "cpu", "--shard-size", "2", "--batch-size", "2",
-        "--output", str(output), "--name", "store",
-    ]
+    command = two_image_shards_command(source, output, workers=1)
     shards = output / "store" / "shards"
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
