@@ -15,17 +15,39 @@ logger = logging.getLogger("featcache")
 DEMO_TAPS = ("blocks.1", "blocks.3", "blocks.5", "pre_logits")
 
 
+# Loggers of featcache's own modules. Other libraries log warnings only (info too with -v), so
+# that messages such as torch's exit-time statistics stay out of the output.
+FEATCACHE_LOGGERS = ("featcache", "pipeline", "stages", "benchmarks")
+
+
 def configure_logging(verbose: bool) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    for name in FEATCACHE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _comma_list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _at_least(minimum: int):
+    """Return an argparse type that reads an integer of at least ``minimum``, naming the option on an error."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is invalid: use an integer") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"{number} is invalid: use {minimum} or more")
+        return number
+
+    return parse
 
 
 def add_split_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,18 +66,18 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pooling", default="avg", help="pooling of feature-map taps: avg, max, gem<p> (gem3), grid<k> (grid2) or flatten"
     )
-    parser.add_argument("--max-flatten-dim", type=int, default=16384, help="largest feature 'flatten' may store, in values")
-    parser.add_argument("--views", type=int, default=0, help="augmented views per training image, besides view 0")
+    parser.add_argument("--max-flatten-dim", type=_at_least(1), default=16384, help="largest feature 'flatten' may store, in values")
+    parser.add_argument("--views", type=_at_least(0), default=0, help="augmented views per training image, besides view 0")
     parser.add_argument("--augment", default="none", help="augmentation policy of the views: flip, light or standard")
     parser.add_argument("--view-seed", type=int, default=0, help="seed of the augmented views")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored feature type")
-    parser.add_argument("--batch-size", type=int, default=0, help="images per forward pass (0: 32 on CPU, 128 on CUDA)")
+    parser.add_argument("--batch-size", type=_at_least(0), default=0, help="images per forward pass (0: 32 on CPU, 128 on CUDA)")
     parser.add_argument(
-        "--workers", type=int, default=default_workers(),
+        "--workers", type=_at_least(0), default=default_workers(),
         help="data-loading worker processes (0: threads of the main process, between forward passes; "
              "default: 0 on up to 2 cores, else cores - 1)",
     )
-    parser.add_argument("--shard-size", type=int, default=1024, help="samples per HDF5 shard")
+    parser.add_argument("--shard-size", type=_at_least(1), default=1024, help="samples per HDF5 shard")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     add_split_arguments(parser)
     parser.add_argument("--output", default="data/features", help="folder of the feature stores")
@@ -64,7 +86,7 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="rebuild the store even on a cache hit")
     parser.add_argument("--compression", default="none", choices=["none", "gzip", "lzf"], help="HDF5 compression of features")
     parser.add_argument(
-        "--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+        "--max-image-pixels", type=_at_least(1), default=DEFAULT_MAX_IMAGE_PIXELS,
         help="skip and list images with more pixels (width * height) than this",
     )
     parser.add_argument(
@@ -118,12 +140,12 @@ def extract_settings_from(args: argparse.Namespace) -> ExtractSettings:
 def add_heads_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=None, help="store folder (default: the newest complete store)")
     parser.add_argument(
-        "--heads", type=_comma_list, default=("logreg", "linear", "mlp", "knn"), help="comma-separated head names"
+        "--heads", type=_comma_list, default=("logreg", "linear", "mlp", "knn"), help="comma-separated head names, from logreg, linear, mlp and knn"
     )
     parser.add_argument("--head-taps", type=_comma_list, default=(), help="taps to train on (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of head training")
     parser.add_argument("--results", default="data/results", help="folder of the head results")
-    parser.add_argument("--seeds", type=int, default=1, help="trainings per selected setting; results give mean and 95%% CI")
+    parser.add_argument("--seeds", type=_at_least(1), default=1, help="trainings per selected setting; results give mean and 95%% CI")
     parser.add_argument("--class-weight", default=None, choices=["balanced"], help="weight classes by inverse frequency")
     parser.add_argument(
         "--controls", type=_comma_list, default=("majority", "pixels"),
@@ -131,15 +153,15 @@ def add_heads_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overfit-gap", type=float, default=0.1, help="warn when train minus val accuracy exceeds this")
     parser.add_argument("--memory-budget-mb", type=float, default=2048.0, help="MiB per tap before linear/mlp heads stream")
-    parser.add_argument("--cv-folds", type=int, default=3, help="cross-validation folds inside train when there is no val")
-    parser.add_argument("--cv-max-train", type=int, default=HeadSettings.cv_max_train,
+    parser.add_argument("--cv-folds", type=_at_least(2), default=3, help="cross-validation folds inside train when there is no val")
+    parser.add_argument("--cv-max-train", type=_at_least(0), default=HeadSettings.cv_max_train,
                         help="above this many train images, select on one held-out fold instead of cross-validating; "
                              "0 always cross-validates")
-    parser.add_argument("--pixel-size", type=int, default=16, help="side in pixels of the pixels control's images")
-    parser.add_argument("--head-threads", type=int, default=HeadSettings.threads, help="torch CPU threads while heads train")
-    parser.add_argument("--patience", type=int, default=HeadSettings.patience,
+    parser.add_argument("--pixel-size", type=_at_least(1), default=16, help="side in pixels of the pixels control's images")
+    parser.add_argument("--head-threads", type=_at_least(1), default=HeadSettings.threads, help="torch CPU threads while heads train")
+    parser.add_argument("--patience", type=_at_least(1), default=HeadSettings.patience,
                         help="epochs without a better selection accuracy before a linear or MLP head stops")
-    parser.add_argument("--mlp-hidden", type=int, default=HeadSettings.mlp_hidden, help="hidden units of the MLP head")
+    parser.add_argument("--mlp-hidden", type=_at_least(1), default=HeadSettings.mlp_hidden, help="hidden units of the MLP head")
 
 
 def heads_settings_from(args: argparse.Namespace, store: str | None = None) -> HeadSettings:
@@ -242,11 +264,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: efficientnet_lite0 and four torchvision backbones)",
     )
     parser.add_argument("--taps", type=_comma_list, default=("pre_logits",), help="comma-separated taps of every backbone")
-    parser.add_argument("--heads", type=_comma_list, default=("logreg", "linear", "mlp"), help="comma-separated head names")
+    parser.add_argument("--heads", type=_comma_list, default=("logreg", "linear", "mlp"), help="comma-separated head names, from logreg, linear, mlp and knn")
     parser.add_argument("--include-random", action="store_true", help="also run every backbone with random weights")
     parser.add_argument("--download", action="store_true", help="download missing weights instead of skipping the backbone")
-    parser.add_argument("--batch-size", type=int, default=0, help="images per forward pass (0: 32 on CPU, 128 on CUDA)")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="data-loading worker processes")
+    parser.add_argument("--batch-size", type=_at_least(0), default=0, help="images per forward pass (0: 32 on CPU, 128 on CUDA)")
+    parser.add_argument("--workers", type=_at_least(0), default=default_workers(), help="data-loading worker processes")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     add_split_arguments(parser)
     parser.add_argument("--features", default="data/features", help="folder of the feature stores")
@@ -314,6 +336,19 @@ def command_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Append each option's default to its help, unless the help already states it or there is none to state."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default == argparse.SUPPRESS:
+            return text
+        shown = ",".join(str(item) for item in default) if isinstance(default, (tuple, list)) else str(default)
+        # argparse formats help strings with %, so a % in the default is doubled
+        return f"{text} (default: {shown.replace('%', '%%') or 'none'})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="featcache",
@@ -326,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add_command(name: str, **options) -> argparse.ArgumentParser:
-        return commands.add_parser(name, parents=[verbose], **options)
+        return commands.add_parser(name, parents=[verbose], formatter_class=_DefaultsHelpFormatter, **options)
 
 
     extract = add_command("extract", help="stage one: write the features of a dataset to a store")
@@ -346,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     taps = add_command("taps", help="list the tap names of a backbone with their output shapes")
     taps.add_argument("backbone", nargs="?", default=DEFAULT_BACKBONE)
     taps.add_argument("--weights", default="default")
-    taps.add_argument("--depth", type=int, default=2, help="list layers up to this many dots deep")
+    taps.add_argument("--depth", type=_at_least(0), default=2, help="list layers up to this many dots deep")
     taps.add_argument("--offline", action="store_true")
     taps.set_defaults(handler=command_taps)
 
@@ -375,11 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--unfreeze", default="1", help="blocks to train, counted from the top (1, 2, ...), or 'all'")
     finetune.add_argument("--from-scratch", action="store_true", help="start from random weights and train every layer")
     finetune.add_argument("--augment", default="light", help="augmentation policy: none, flip, light or standard")
-    finetune.add_argument("--epochs", type=int, default=10, help="passes over the training images at most")
-    finetune.add_argument("--patience", type=int, default=3, help="epochs without a better val accuracy before stopping")
+    finetune.add_argument("--epochs", type=_at_least(1), default=10, help="passes over the training images at most")
+    finetune.add_argument("--patience", type=_at_least(1), default=3, help="epochs without a better val accuracy before stopping")
     finetune.add_argument("--lr", type=float, default=1e-3, help="learning rate of the new classifier (unfrozen layers: 0.1x)")
-    finetune.add_argument("--batch-size", type=int, default=16, help="images per optimizer step")
-    finetune.add_argument("--workers", type=int, default=2, help="data-loading worker processes (0: main process)")
+    finetune.add_argument("--batch-size", type=_at_least(1), default=16, help="images per optimizer step")
+    finetune.add_argument("--workers", type=_at_least(0), default=2, help="data-loading worker processes (0: main process)")
     finetune.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     finetune.add_argument("--seed", type=int, default=0, help="seed of initialization, augmentation and batch order")
     finetune.add_argument("--results", default="data/results", help="folder that contains the results of each store")
@@ -389,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     advise = add_command("advise", help="recommend a transfer-learning strategy for a store, with reasons")
     advise.add_argument("store", help="store folder")
     advise.add_argument("--results", default="data/results", help="folder that contains the results of each store")
-    advise.add_argument("--sample", type=int, default=64, help="images on which the ImageNet classifier's confidence is measured")
+    advise.add_argument("--sample", type=_at_least(1), default=64, help="images on which the ImageNet classifier's confidence is measured")
     advise.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     advise.add_argument("--offline", action="store_true", help="never download weights")
     advise.set_defaults(handler=command_advise)

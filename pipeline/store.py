@@ -297,6 +297,9 @@ class FeatureStore:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
+        if manifest is None and not self.folder.is_dir():
+            raise StoreError(f"No feature store at {self.folder}: the folder does not exist. Pass a store folder "
+                             "that 'featcache extract' printed, or run 'featcache extract' first.")
         if manifest is None:
             raise StoreError(f"No feature store at {self.folder}: {MANIFEST} is missing. Run 'featcache extract' first.")
         if not manifest.get("complete"):

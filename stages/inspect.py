@@ -25,6 +25,8 @@ COLUMNS = ("label", "path", "split", "index")
 
 def _load_manifest(folder: Path) -> dict[str, Any]:
     manifest = read_manifest(folder)
+    if manifest is None and not Path(folder).is_dir():
+        raise StoreError(f"No feature store at {folder}: the folder does not exist. Pass the folder of a store.")
     if manifest is None:
         raise StoreError(f"No feature store at {folder}: {MANIFEST} is missing. Pass the folder of a store.")
     return manifest

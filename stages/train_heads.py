@@ -90,7 +90,9 @@ def run_heads(settings: HeadSettings, features_root: Path = Path("data/features"
     taps = list(settings.taps) or list(store.taps)
     missing_taps = [tap for tap in taps if tap not in store.taps]
     if missing_taps:
-        raise SettingsError(f"taps={missing_taps} are not in store {store.name}: its taps are {list(store.taps)}.")
+        raise SettingsError(
+            f"taps={missing_taps} (--head-taps) are not in store {store.name}: use some of its taps {list(store.taps)}."
+        )
 
     # look up each unit's result by key
     output = Path(settings.output_root) / store.name

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from pipeline.cli import build_parser, main
+from pipeline.settings import DatasetSettings, ExtractSettings, SettingsError
 
 
 def test_extract_then_heads(in_tmp, colour_folder, capsys):
@@ -109,9 +113,43 @@ def test_invalid_dtype_rejected_by_parser(in_tmp, colour_folder):
         main(["extract", "--data", str(colour_folder), "--offline", "--dtype", "float64"])
 
 
-def test_invalid_batch_size_rejected(in_tmp, colour_folder, caplog):
-    assert main(["extract", "--data", str(colour_folder), "--offline", "--batch-size", "-1"]) == 2
-    assert "batch_size=-1" in caplog.text
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["extract", "--batch-size", "-1"], "argument --batch-size: -1 is invalid: use 0 or more"),
+        (["extract", "--workers", "-1"], "argument --workers: -1 is invalid: use 0 or more"),
+        (["extract", "--shard-size", "0"], "argument --shard-size: 0 is invalid: use 1 or more"),
+        (["heads", "--cv-max-train", "-5"], "argument --cv-max-train: -5 is invalid: use 0 or more"),
+        (["heads", "--cv-folds", "1"], "argument --cv-folds: 1 is invalid: use 2 or more"),
+        (["heads", "--seeds", "two"], "argument --seeds: 'two' is not an integer"),
+    ],
+)
+def test_invalid_counts_name_the_option(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_invalid_batch_size_rejected_by_settings(colour_folder):
+    with pytest.raises(SettingsError, match="batch_size=-1"):
+        ExtractSettings(dataset=DatasetSettings(str(colour_folder)), batch_size=-1).validate()
+
+
+def test_heads_on_missing_folder_names_it(in_tmp, caplog):
+    assert main(["heads", "--store", str(in_tmp / "nothing")]) == 2
+    assert "the folder does not exist" in caplog.text
+
+
+def test_other_libraries_log_warnings_only():
+    probe = (
+        "import logging; from pipeline.cli import configure_logging; configure_logging(False); "
+        "print(logging.getLogger('torch._subclasses').getEffectiveLevel(), logging.getLogger('stages.extract').getEffectiveLevel())"
+    )
+    completed = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                               text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.split() == [str(logging.WARNING), str(logging.INFO)]
 
 
 def test_unknown_tap_leaves_no_store(in_tmp, colour_folder):
