@@ -121,7 +121,7 @@ def test_invalid_dtype_rejected_by_parser(in_tmp, colour_folder):
         (["extract", "--shard-size", "0"], "argument --shard-size: 0 is invalid: use 1 or more"),
         (["heads", "--cv-max-train", "-5"], "argument --cv-max-train: -5 is invalid: use 0 or more"),
         (["heads", "--cv-folds", "1"], "argument --cv-folds: 1 is invalid: use 2 or more"),
-        (["heads", "--seeds", "two"], "argument --seeds: 'two' is not an integer"),
+        (["heads", "--seeds", "two"], "argument --seeds: 'two' is invalid: use an integer"),
     ],
 )
 def test_invalid_counts_name_the_option(argv, message, capsys):
