@@ -1,4 +1,4 @@
-"""Warnings about a leaderboard: negative transfer, overfitting and class imbalance."""
+"""Warnings about a leaderboard: negative transfer, overfitting, class imbalance and a small selection split."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ import numpy as np
 
 # A class imbalance warning is raised when the largest train class is this many times the smallest.
 IMBALANCE_RATIO = 3.0
+
+# A selection split of fewer images than this gets a warning: with 50 images an accuracy moves in
+# steps of 0.02, and its standard error can reach 7 points.
+SMALL_SELECTION = 50
 
 
 def negative_transfer(results: list[dict[str, Any]]) -> list[str]:
@@ -64,4 +68,15 @@ def class_imbalance(train_counts: dict[str, int], class_weight: str | None) -> l
     return [
         f"class imbalance: the largest train class has {ratio:.1f} times the samples of the smallest "
         f"(counts {train_counts}); read balanced accuracy and per-class recall, and consider --class-weight balanced."
+    ]
+
+
+def small_selection(images: int, description: str) -> list[str]:
+    """Warn when settings are selected on fewer than SMALL_SELECTION images (val, a held-out fold, or train across folds)."""
+    if images >= SMALL_SELECTION:
+        return []
+    return [
+        f"small selection split: settings are selected on {images} images ({description}), so a selection accuracy "
+        f"moves in steps of {1 / max(images, 1):.3f}, settings often tie and the ranking is uncertain. Add val images, "
+        "or extract with --val-fraction 0 so that heads cross-validate inside train."
     ]

@@ -17,7 +17,7 @@ import numpy as np
 from pipeline.settings import HeadSettings, SettingsError, settings_to_dict
 from pipeline.store import FeatureStore, latest_store
 from stages.cache import ResultsIndex, result_key
-from stages.diagnostics import class_imbalance, negative_transfer, overfitting
+from stages.diagnostics import class_imbalance, negative_transfer, overfitting, small_selection
 from stages.reports import format_table, write_reports
 from stages.selection import SEARCH_SPACES
 
@@ -59,6 +59,16 @@ class Unit:
             "seeds": settings.seeds,
             "pixel_size": settings.pixel_size if self.control == "pixels" else None,
         }
+
+
+def selection_images(store: FeatureStore, selection: str, cv_folds: int) -> tuple[int, str]:
+    """Return how many images select each head's setting, and where they come from."""
+    if selection == "val":
+        return len(np.unique(store.indices("val"))), "val"
+    train_images = len(np.unique(store.indices("train")))
+    if selection.startswith("holdout"):
+        return train_images // cv_folds, f"a held-out 1/{cv_folds} of train"
+    return train_images, f"{cv_folds}-fold cross-validation on train"
 
 
 def plan_units(store: FeatureStore, taps: list[str], settings: HeadSettings) -> list[Unit]:
@@ -132,6 +142,7 @@ def run_heads(settings: HeadSettings, features_root: Path = Path("data/features"
     train_labels = store.load_labels("train")
     counts = {name: int((train_labels == label).sum()) for label, name in enumerate(store.class_names)}
     warnings = negative_transfer(ordered) + overfitting(ordered, settings.overfit_gap) + class_imbalance(counts, settings.class_weight)
+    warnings += small_selection(*selection_images(store, selection, settings.cv_folds))
     for warning in warnings:
         logger.warning("%s", warning)
 

@@ -1,8 +1,8 @@
-"""Tests of stages.diagnostics: negative transfer, overfitting and class imbalance warnings."""
+"""Tests of stages.diagnostics: negative transfer, overfitting, class imbalance and small selection warnings."""
 
 from __future__ import annotations
 
-from stages.diagnostics import class_imbalance, negative_transfer, overfitting
+from stages.diagnostics import class_imbalance, negative_transfer, overfitting, small_selection
 
 
 def result(head: str, accuracy: float, control: str | None = None, ci: float = 0.05, train: float = 0.9,
@@ -57,3 +57,12 @@ def test_negative_transfer_picks_best_head_on_selection():
 
 def test_overfitting_skips_majority_control():
     assert overfitting([result("majority", 0.33, control="majority", train=0.6, select=0.33)], gap=0.1) == []
+
+
+def test_small_selection_warns_below_fifty_images():
+    warnings = small_selection(6, "val")
+    assert len(warnings) == 1
+    assert "selected on 6 images (val)" in warnings[0]
+    assert "steps of 0.167" in warnings[0]
+    assert "--val-fraction 0" in warnings[0]
+    assert small_selection(50, "val") == []

@@ -90,6 +90,12 @@ def test_large_train_holdout_selection(tmp_path):
     assert all(result["select_split"] == "3-fold cross-validation on train" for result in crossed)
 
 
+def test_small_val_split_is_warned(tmp_path, caplog):
+    store = write_store(tmp_path / "store", counts={"train": 60, "val": 12, "test": 30})
+    run_heads(HeadSettings(store=str(store), heads=("logreg",), controls=(), output_root=str(tmp_path / "out")))
+    assert "small selection split: settings are selected on 12 images (val)" in caplog.text
+
+
 def test_rerun_trains_only_missing_results(store_folder, tmp_path):
     settings = HeadSettings(store=str(store_folder), heads=("logreg",), controls=("majority",), output_root=str(tmp_path / "out"))
     first = run_heads(settings)
