@@ -378,7 +378,12 @@ def test_interrupt_then_resume(tmp_path: Path) -> None:
     output = tmp_path / "out"
     command = two_image_shards_command(source, output, workers=1)
     shards = output / "store" / "shards"
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A shell's background job, as CI may run the suite in, ignores SIGINT, and the child would
+    # inherit that. The child gets the default disposition back, as in a terminal.
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120
     while process.poll() is None and time.monotonic() < deadline and len(list(shards.glob("*.h5"))) < 10:
         time.sleep(0.005)
