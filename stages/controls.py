@@ -1,7 +1,7 @@
 """Controls that a leaderboard compares the pretrained features with.
 
 - majority: predict the most frequent train class;
-- pixels: logistic regression on the images themselves, downscaled, read from the store's
+- pixels: a linear head on the images themselves, downscaled, read from the store's
   ``dataset_root`` and stored relative paths;
 - random weights: the same backbone and taps with untrained weights, extracted by stage one and
   cached like any other store.
@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
+from itertools import count, repeat
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.devices import available_cpus
 from pipeline.store import FeatureStore, StoreError
 from stages.selection import TapData
 
@@ -41,14 +44,18 @@ def pixel_tap_data(store: FeatureStore, size: int) -> TapData:
     if not root.is_dir():
         raise StoreError(f"The images of store {store.name} are not at dataset_root={str(root)!r}: the pixels control needs them.")
 
+    def read_into(pixels: np.ndarray, row: int, relative: str) -> None:
+        with Image.open(root / relative) as image:
+            image.seek(0)
+            small = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+        pixels[row] = np.asarray(small, dtype=np.float32).ravel() / 255.0
+
     def read(split: str) -> tuple[np.ndarray, np.ndarray]:
         labels = store.load_labels(split)
         pixels = np.zeros((len(labels), 3 * size * size), dtype=np.float32)
-        for row, relative in enumerate(store.paths(split)):
-            with Image.open(root / relative) as image:
-                image.seek(0)
-                small = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-            pixels[row] = np.asarray(small, dtype=np.float32).ravel() / 255.0
+        # Pillow releases the GIL while it decodes and resizes, so the images are read in threads
+        with ThreadPoolExecutor(available_cpus()) as pool:
+            list(pool.map(read_into, repeat(pixels), count(), store.paths(split)))
         return pixels, labels
 
     splits = store.splits()
