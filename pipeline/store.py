@@ -52,9 +52,19 @@ SHARD_FOLDER = "shards"
 STRING = h5py.string_dtype("utf-8")
 REBUILD_SUFFIX = ".rebuild"
 RETIRED_SUFFIX = ".replaced"
-# Rows per HDF5 chunk of the feature datasets. Chunks run along the samples, so reading a range of
-# samples touches only the chunks that contain them.
+# Rows per HDF5 chunk of the feature datasets, at most. Chunks run along the samples, so reading a
+# range of samples touches only the chunks that contain them.
 CHUNK_ROWS = 256
+
+
+def chunk_rows(rows: int) -> int:
+    """Return the rows per chunk that split ``rows`` into the fewest chunks of at most CHUNK_ROWS, evenly.
+
+    HDF5 allocates every chunk whole, so 300 rows in chunks of 256 would take the space of 512:
+    two chunks of 150 take the space of 300.
+    """
+    chunks = max(1, -(-rows // CHUNK_ROWS))
+    return max(1, -(-rows // chunks))
 
 
 class StoreError(RuntimeError):
@@ -144,7 +154,7 @@ def write_shard_file(
         group = handle.create_group("features")
         for tap, values in data.features.items():
             values = values.astype(dtype, copy=False)  # (n, D)
-            chunks = (max(1, min(CHUNK_ROWS, len(values))), values.shape[1]) if values.size else None
+            chunks = (chunk_rows(len(values)), values.shape[1]) if values.size else None
             group.create_dataset(tap, data=values, chunks=chunks, compression=filter_name)
         handle.create_dataset("label", data=data.labels.astype(np.int64))
         handle.create_dataset("path", data=np.array(data.paths, dtype=object), dtype=STRING)

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from pipeline.store import (
+    CHUNK_ROWS,
     MANIFEST,
     FeatureStore,
     ShardData,
     StoreWriter,
+    chunk_rows,
     pending_shards,
     read_manifest,
     rebuild_folder,
@@ -72,7 +74,7 @@ def test_float16_gzip_chunked_along_samples(tmp_path: Path) -> None:
         values = handle["features"]["pre_logits"]
         assert values.dtype == np.float16
         assert values.compression == "gzip"
-        assert values.chunks == (256, 5)
+        assert values.chunks == (150, 5)  # 300 rows in 2 even chunks of at most 256
         np.testing.assert_array_equal(values[:], data.features["pre_logits"].astype(np.float16))
 
 
@@ -177,3 +179,17 @@ def test_incomplete_store_rejected_by_reader(tmp_path: Path) -> None:
     StoreWriter.create_or_resume(folder, header(), {})
     with pytest.raises(RuntimeError, match="incomplete"):
         FeatureStore(folder)
+
+
+@pytest.mark.parametrize(("rows", "expected"), [(1, 1), (255, 255), (256, 256), (257, 129), (300, 150), (1024, 256), (1025, 205)])
+def test_chunk_rows_even_and_at_most_limit(rows: int, expected: int) -> None:
+    assert chunk_rows(rows) == expected
+    assert chunk_rows(rows) <= CHUNK_ROWS
+
+
+def test_partial_chunk_takes_no_extra_space(tmp_path: Path) -> None:
+    (tmp_path / "shards").mkdir()
+    data = shard_data(300, dimension=64)
+    entry = write_shard_file(tmp_path, 0, data, [], "k", 512, "float32", "none")
+    with h5py.File(tmp_path / entry["file"], "r") as handle:
+        assert handle["features"]["pre_logits"].id.get_storage_size() == 300 * 64 * 4
