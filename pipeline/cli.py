@@ -344,9 +344,9 @@ class _DefaultsHelpFormatter(argparse.HelpFormatter):
         default = action.default
         if "default" in text or default is None or default is False or default == argparse.SUPPRESS:
             return text
-        shown = ",".join(str(item) for item in default) if isinstance(default, (tuple, list)) else str(default)
+        default_text = ",".join(str(item) for item in default) if isinstance(default, (tuple, list)) else str(default)
         # argparse formats help strings with %, so a % in the default is doubled
-        return f"{text} (default: {shown.replace('%', '%%') or 'none'})"
+        return f"{text} (default: {default_text.replace('%', '%%') or 'none'})"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ def test_pixels_are_read_and_downscaled(tmp_path):
     np.testing.assert_allclose(data.X_train[0], expected.ravel() / 255.0, atol=1e-6)
     np.testing.assert_array_equal(data.y_val, store.load_labels("val"))
 
-    # the images are read in threads: every row still holds its own image
+    # the images are read in threads: every row still contains its own image
     every = np.stack([
         np.asarray(Image.open(tmp_path / "images" / path).convert("RGB").resize((4, 4), Image.Resampling.BILINEAR)).ravel()
         for path in store.paths("train")

@@ -29,21 +29,21 @@ def faults(count):
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 default = faults(5)
-kept = keep_heap()
+set_once = keep_heap()
 faults(10)
-print(default, kept, faults(5), keep_heap())
+print(default, set_once, faults(5), keep_heap())
 """
 
 
 def test_keep_heap_reuses_large_blocks():
     completed = subprocess.run([sys.executable, "-c", FAULTS], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0, completed.stderr
-    default, kept, faults, again = completed.stdout.split()
+    default, set_once, faults, again = completed.stdout.split()
     pages = 64 * 2**20 // 4096
 
     # by default each block is mapped afresh, so every one of its pages faults
     assert int(default) >= 5 * pages
-    assert kept == "True"
+    assert set_once == "True"
     # with the heap kept and warmed up, the blocks reuse pages already faulted in
     assert int(faults) <= 0.1 * pages
     assert again == "True"
@@ -64,17 +64,17 @@ keep_heap()
 before = resident_mib()
 block = torch.ones(256 * 2**20 // 4)
 del block
-kept = resident_mib()
+after_free = resident_mib()
 released = release_free_heap()
-print(before, kept, released, resident_mib())
+print(before, after_free, released, resident_mib())
 """
 
 
 def test_release_free_heap_returns_freed_block():
     completed = subprocess.run([sys.executable, "-c", RELEASE], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0, completed.stderr
-    before, kept, released, after = completed.stdout.split()
+    before, after_free, released, after_release = completed.stdout.split()
 
-    assert float(kept) - float(before) > 200  # the freed tensor stays resident on the kept heap
+    assert float(after_free) - float(before) > 200  # the freed tensor stays resident on the kept heap
     assert released == "True"
-    assert float(kept) - float(after) > 200
+    assert float(after_free) - float(after_release) > 200
