@@ -83,20 +83,29 @@ def parameter_grid(space: dict[str, list]) -> list[dict[str, Any]]:
     return [dict(zip(names, values)) for values in itertools.product(*(space[name] for name in names))]
 
 
-def selection_method(data: TapData, cv_folds: int, cv_max_train: int) -> str:
+def choose_selection(has_val: bool, train_images: int, cv_max_train: int) -> str:
     """Return how settings are selected: on "val", on one "holdout" fold of train, or by "cv" over all folds."""
-    if data.X_val is not None:
+    if has_val:
         return "val"
-    if cv_max_train and len(np.unique(data.groups)) > cv_max_train:
+    if cv_max_train and train_images > cv_max_train:
         return "holdout"
     return "cv"
 
 
-def selection_split_name(data: TapData, cv_folds: int, cv_max_train: int = 0) -> str:
-    method = selection_method(data, cv_folds, cv_max_train)
+def describe_selection(method: str, cv_folds: int) -> str:
+    """Return the selection split's name in results and reports, for a method of ``choose_selection``."""
     if method == "holdout":
         return f"a held-out 1/{cv_folds} of train"
     return "val" if method == "val" else f"{cv_folds}-fold cross-validation on train"
+
+
+def selection_method(data: TapData, cv_max_train: int) -> str:
+    """Return ``choose_selection``'s method for one tap's data (train images are its distinct groups)."""
+    return choose_selection(data.X_val is not None, len(np.unique(data.groups)), cv_max_train)
+
+
+def selection_split_name(data: TapData, cv_folds: int, cv_max_train: int = 0) -> str:
+    return describe_selection(selection_method(data, cv_max_train), cv_folds)
 
 
 def make_folds(data: TapData, cv_folds: int, seed: int, cv_max_train: int = 0) -> list[Fold]:
@@ -108,7 +117,7 @@ def make_folds(data: TapData, cv_folds: int, seed: int, cv_max_train: int = 0) -
     if data.X_val is not None:
         return [Fold(data.X_train, data.y_train, data.X_val, data.y_val)]
     rows = fold_rows(data.y_train, data.groups, cv_folds, seed)
-    if selection_method(data, cv_folds, cv_max_train) == "holdout":
+    if selection_method(data, cv_max_train) == "holdout":
         rows = rows[:1]
     return [Fold(data.X_train[fit_rows], data.y_train[fit_rows], data.X_train[select_rows], data.y_train[select_rows],
                  fit_rows, select_rows)

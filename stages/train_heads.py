@@ -19,7 +19,7 @@ from pipeline.store import FeatureStore, latest_store
 from stages.cache import ResultsIndex, result_key
 from stages.diagnostics import class_imbalance, negative_transfer, overfitting, small_selection
 from stages.reports import format_table, write_reports
-from stages.selection import SEARCH_SPACES
+from stages.selection import SEARCH_SPACES, choose_selection, describe_selection
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +61,12 @@ class Unit:
         }
 
 
-def selection_images(store: FeatureStore, selection: str, cv_folds: int) -> tuple[int, str]:
-    """Return how many images select each head's setting, and where they come from."""
-    if selection == "val":
-        return len(np.unique(store.indices("val"))), "val"
+def selection_images(store: FeatureStore, method: str, cv_folds: int) -> int:
+    """Return how many images select each head's setting, for a method of ``choose_selection``."""
+    if method == "val":
+        return len(np.unique(store.indices("val")))
     train_images = len(np.unique(store.indices("train")))
-    if selection.startswith("holdout"):
-        return train_images // cv_folds, f"a held-out 1/{cv_folds} of train"
-    return train_images, f"{cv_folds}-fold cross-validation on train"
+    return train_images // cv_folds if method == "holdout" else train_images
 
 
 def plan_units(store: FeatureStore, taps: list[str], settings: HeadSettings) -> list[Unit]:
@@ -107,9 +105,8 @@ def run_heads(settings: HeadSettings, features_root: Path = Path("data/features"
     # look up each unit's result by key
     output = Path(settings.output_root) / store.name
     index = ResultsIndex(output)
-    selection = "val" if "val" in store.splits() else f"cv{settings.cv_folds}"
-    if selection != "val" and settings.cv_max_train and len(np.unique(store.indices("train"))) > settings.cv_max_train:
-        selection = f"holdout{settings.cv_folds}"
+    method = choose_selection("val" in store.splits(), len(np.unique(store.indices("train"))), settings.cv_max_train)
+    selection = "val" if method == "val" else f"{method}{settings.cv_folds}"  # cv3 or holdout3 in the result keys
     units = plan_units(store, taps, settings)
     keys = {unit: result_key(store.key, unit.description(settings, selection)) for unit in units}
     results: dict[Unit, dict[str, Any]] = {}
@@ -142,7 +139,7 @@ def run_heads(settings: HeadSettings, features_root: Path = Path("data/features"
     train_labels = store.load_labels("train")
     counts = {name: int((train_labels == label).sum()) for label, name in enumerate(store.class_names)}
     warnings = negative_transfer(ordered) + overfitting(ordered, settings.overfit_gap) + class_imbalance(counts, settings.class_weight)
-    warnings += small_selection(*selection_images(store, selection, settings.cv_folds))
+    warnings += small_selection(selection_images(store, method, settings.cv_folds), describe_selection(method, settings.cv_folds))
     for warning in warnings:
         logger.warning("%s", warning)
 
