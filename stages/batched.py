@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from stages.adamw import adamw_step
+from stages.adamw import adamw_update_heads
 from stages.heads import LinearHead, _Standardized, class_weights, standardization
 
 logger = logging.getLogger(__name__)
@@ -43,8 +43,6 @@ class _TapGroup:
     scale: np.ndarray
     weight: torch.Tensor  # (K_tap, D, C)
     bias: torch.Tensor  # (K_tap, C)
-    lr: torch.Tensor  # (K_tap,)
-    weight_decay: torch.Tensor  # (K_tap,)
 
 
 def train_linear_grid(
@@ -99,8 +97,9 @@ def train_linear_grid(
                 with torch.no_grad():
                     group.weight.requires_grad_(False)
                     group.bias.requires_grad_(False)
-                    adamw_step(group.weight, grad_weight, m_w, v_w, group.lr[:, None, None], group.weight_decay[:, None, None], step)
-                    adamw_step(group.bias, grad_bias, m_b, v_b, group.lr[:, None], group.weight_decay[:, None], step)
+                    adamw_update_heads((group.weight, group.bias), (grad_weight, grad_bias), (m_w, m_b), (v_w, v_b),
+                                       [settings[member].lr for member in group.members],
+                                       [settings[member].weight_decay for member in group.members], step)
 
         if select is None:
             continue
@@ -164,8 +163,6 @@ def _build_group(tap: str, settings: list[LinearSetting], X: np.ndarray, X_selec
         scale=scale,
         weight=torch.stack(weights),
         bias=torch.stack(biases),
-        lr=torch.tensor([settings[member].lr for member in members], dtype=torch.float32),
-        weight_decay=torch.tensor([settings[member].weight_decay for member in members], dtype=torch.float32),
     )
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages.adamw import adamw_step
+from stages.adamw import adamw_update_heads
 from stages.batched import _summed_cross_entropy
 from stages.heads import MLPHead, _Standardized, class_weights, standardization
 
@@ -76,9 +76,8 @@ def train_mlp_grid(
         initial.append([body[0].weight.detach().T, body[0].bias.detach(), body[3].weight.detach().T, body[3].bias.detach()])
     parameters = [torch.stack([head[part] for head in initial]).contiguous() for part in range(4)]  # W1, b1, W2, b2
     moments = [(torch.zeros_like(parameter), torch.zeros_like(parameter)) for parameter in parameters]
-    lr = torch.tensor([setting.lr for setting in settings], dtype=torch.float32)
-    weight_decay = torch.tensor([setting.weight_decay for setting in settings], dtype=torch.float32)
-    shapes = [(-1, 1, 1), (-1, 1), (-1, 1, 1), (-1, 1)]  # broadcasts per-head values over each parameter
+    lrs = [setting.lr for setting in settings]  # of the heads in the stacks, in order
+    weight_decays = [setting.weight_decay for setting in settings]
 
     # per-head early stopping bookkeeping, indexed like settings
     best_score = np.full(len(settings), -1.0)
@@ -107,9 +106,10 @@ def train_mlp_grid(
             loss = _summed_cross_entropy(logits, labels[batch], loss_weight)
             grads = torch.autograd.grad(loss, parameters)
             with torch.no_grad():
-                for parameter, grad, (exp_avg, exp_avg_sq), shape in zip(parameters, grads, moments, shapes):
+                for parameter in parameters:
                     parameter.requires_grad_(False)
-                    adamw_step(parameter, grad, exp_avg, exp_avg_sq, lr.view(shape), weight_decay.view(shape), step)
+                adamw_update_heads(parameters, grads, [exp_avg for exp_avg, _ in moments], [exp_avg_sq for _, exp_avg_sq in moments],
+                                   lrs, weight_decays, step)
 
         if select is None:
             continue
@@ -132,7 +132,7 @@ def train_mlp_grid(
             index = torch.as_tensor(keep_rows)
             parameters = [parameter[index].contiguous() for parameter in parameters]
             moments = [(exp_avg[index].contiguous(), exp_avg_sq[index].contiguous()) for exp_avg, exp_avg_sq in moments]
-            lr, weight_decay, live = lr[index], weight_decay[index], live[keep_rows]
+            lrs, weight_decays, live = [lrs[row] for row in keep_rows], [weight_decays[row] for row in keep_rows], live[keep_rows]
 
     # unpack each head into an MLPHead with the weights of its best epoch (its last without selection)
     heads = []

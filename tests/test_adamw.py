@@ -27,3 +27,53 @@ def test_adamw_matches_torch_optim():
     for mine, theirs in zip(ours, reference):
         assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(ours[0], _train(AdamW, steps=0)[0])  # the steps moved the weights
+
+
+def _written_out(parameters, grads, lrs, weight_decays, steps):
+    """Apply ``adamw_step`` head by head, the update that ``adamw_update_heads`` must equal."""
+    from stages.adamw import adamw_step
+
+    moments = [(torch.zeros_like(parameter), torch.zeros_like(parameter)) for parameter in parameters]
+    for step in range(1, steps + 1):
+        for parameter, grad, (exp_avg, exp_avg_sq) in zip(parameters, grads, moments):
+            for head, (lr, weight_decay) in enumerate(zip(lrs, weight_decays)):
+                adamw_step(parameter[head], grad[head], exp_avg[head], exp_avg_sq[head], lr, weight_decay, step)
+    return parameters
+
+
+def test_stacked_update_matches_written_out_with_transposed_gradients():
+    from stages.adamw import adamw_update_heads
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 7, 5, generator=generator)
+    bias = torch.randn(3, 5, generator=generator)
+    # a gradient laid out (3, 5, 7) and seen transposed, as autograd returns for an einsum
+    grad_weight = torch.randn(3, 5, 7, generator=generator).transpose(1, 2)
+    grad_bias = torch.randn(3, 5, generator=generator)
+    assert not grad_weight.is_contiguous()
+    lrs, weight_decays = [1e-3, 1e-2, 3e-2], [0.0, 1e-4, 1e-2]
+
+    expected = _written_out([weight.clone(), bias.clone()], [grad_weight, grad_bias], lrs, weight_decays, steps=4)
+    parameters = [weight.clone(), bias.clone()]
+    moments = [torch.zeros_like(weight), torch.zeros_like(bias)], [torch.zeros_like(weight), torch.zeros_like(bias)]
+    for step in range(1, 5):
+        adamw_update_heads(parameters, [grad_weight, grad_bias], moments[0], moments[1], lrs, weight_decays, step)
+    for mine, theirs in zip(parameters, expected):
+        assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(parameters[0], weight)
+    # heads with different learning rates moved by different amounts
+    moved = [float((parameters[0][head] - weight[head]).abs().mean()) for head in range(3)]
+    assert moved[0] < moved[1] < moved[2]
+
+
+def test_update_falls_back_when_a_state_is_not_contiguous():
+    from stages.adamw import adamw_step, adamw_update
+
+    generator = torch.Generator().manual_seed(1)
+    parameter = torch.randn(6, 4, generator=generator).T  # a transposed view, updated in place
+    grad = torch.randn(4, 6, generator=generator)
+    exp_avg, exp_avg_sq = torch.zeros(4, 6), torch.zeros(4, 6)
+    reference = parameter.clone()
+    adamw_step(reference, grad, torch.zeros(4, 6), torch.zeros(4, 6), 1e-2, 1e-2, 1)
+    adamw_update([parameter], [grad], [exp_avg], [exp_avg_sq], 1e-2, 1e-2, 1)
+    assert torch.allclose(parameter, reference, rtol=1e-5, atol=1e-7)

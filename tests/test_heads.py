@@ -79,3 +79,20 @@ def test_torch_head_is_seeded():
 
 def test_registry_names():
     assert set(HEAD_NAMES) >= {"logreg", "linear", "mlp", "knn"}
+
+
+def test_standardizer_matches_scikit_learn_scaler():
+    from sklearn.preprocessing import StandardScaler
+
+    from stages.heads import Standardizer
+
+    rng = np.random.default_rng(4)
+    X = (rng.normal(3.0, 2.0, (300, 12)) * rng.uniform(0.1, 50.0, 12)).astype(np.float32)
+    X[:, 5] = 7.0  # a constant feature keeps a scale of 1
+    ours = Standardizer().fit(X)
+    theirs = StandardScaler().fit(X)
+    assert ours.n_samples_seen_ == 300 and ours.n_features_in_ == 12
+    assert np.allclose(ours.transform(X), theirs.transform(X), atol=1e-4)
+    assert np.all(ours.transform(X)[:, 5] == 0.0)
+    with pytest.raises(ValueError, match="fitted on 12 features"):
+        ours.transform(X[:, :4])
