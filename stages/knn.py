@@ -57,10 +57,13 @@ def sweep_k_folds(X: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np
     y = np.asarray(y)
     found = [np.zeros((len(y), min(max(ks), len(fit_rows))), dtype=np.int64) for fit_rows, _ in folds]
     columns = [torch.as_tensor(fit_rows) for fit_rows, _ in folds]
+    # one fold (a held-out part of train) needs its fit columns only: a third less to multiply
+    targets = rows[columns[0]].T if len(folds) == 1 else rows.T  # (D, N_fit) or (D, N)
     for start in range(0, len(rows), QUERY_BLOCK):
-        similarity = rows[start : start + QUERY_BLOCK] @ rows.T  # (block, N)
+        similarity = rows[start : start + QUERY_BLOCK] @ targets  # (block, N_fit) or (block, N)
         for position, fit_columns in enumerate(columns):
-            neighbours = top_k(similarity[:, fit_columns], found[position].shape[1])  # positions in the fit rows
+            block = similarity if len(folds) == 1 else similarity[:, fit_columns]
+            neighbours = top_k(block, found[position].shape[1])  # positions in the fit rows
             found[position][start : start + len(neighbours)] = neighbours.numpy()
 
     select_scores = np.zeros((len(folds), len(ks)))

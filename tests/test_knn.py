@@ -94,3 +94,25 @@ def test_fold_sweep_equals_sweep_per_fold():
         train = np.mean([sweep_k(f.X_train, f.y_train, f.X_train, f.y_train, [k])[k] for f in folds])
         assert sweep.scores[position] == pytest.approx(select), k
         assert sweep.train_accuracies[position] == pytest.approx(train), k
+
+
+def test_held_out_fold_sweep_equals_sweep_on_that_fold():
+    from stages.selection import TapData, make_folds, sweep_knn
+
+    rng = np.random.default_rng(5)
+    y = np.arange(240) % 4
+    X = rng.normal(size=(240, 6)).astype(np.float32)
+    X[:, :4] += 0.8 * np.eye(4, dtype=np.float32)[y]
+    data = TapData("t", X, y, groups=np.arange(240))
+    folds = make_folds(data, 3, seed=1, cv_max_train=100)  # over 100 images: one held-out fold
+    assert len(folds) == 1
+    ks = [1, 5, 20]
+
+    sweep = sweep_knn(folds, {"k": ks})
+
+    fold = folds[0]
+    select = sweep_k(fold.X_train, fold.y_train, fold.X_select, fold.y_select, ks)
+    train = sweep_k(fold.X_train, fold.y_train, fold.X_train, fold.y_train, ks)
+    assert sweep.scores == pytest.approx([select[k] for k in ks])
+    assert sweep.train_accuracies == pytest.approx([train[k] for k in ks])
+    assert 0.3 < sweep.scores[2] < 1.0
