@@ -21,12 +21,15 @@ def write_store(
     seed: int = 0,
     image_root: Path | None = None,
     class_sizes: tuple[float, ...] | None = None,
+    image_size: tuple[int, int] = (8, 8),
+    image_format: str = "png",
 ) -> Path:
     """Write a complete store whose classes are Gaussian blobs in every tap; return its folder.
 
     ``counts`` gives the samples per split; ``class_sizes`` the share of each class (equal by default).
-    With ``image_root``, one small PNG per sample is written there, coloured by class, and recorded
-    as the store's dataset_root, so that the pixels control can read it.
+    With ``image_root``, one image per sample (``image_size`` as width x height, an 8 x 8 PNG by
+    default) is written there, coloured by class, and recorded as the store's dataset_root, so that
+    the pixels control can read it.
     """
     taps = taps or {"early": 6, "late": 12}
     counts = counts or {"train": 90, "val": 45, "test": 45}
@@ -44,11 +47,11 @@ def write_store(
     means = {tap: rng.normal(0, separation, size=(len(class_names), dim)) for tap, dim in taps.items()}
     features = {tap: (means[tap][labels] + rng.normal(0, 1, size=(len(labels), dim))).astype(np.float32)
                 for tap, dim in taps.items()}
-    paths = [f"{class_names[label]}/{row:05d}.png" for row, label in enumerate(labels)]
+    paths = [f"{class_names[label]}/{row:05d}.{image_format}" for row, label in enumerate(labels)]
     if image_root is not None:
         colours = rng.integers(0, 256, size=(len(class_names), 3))
         for path, label in zip(paths, labels):
-            pixels = np.clip(colours[label] + rng.normal(0, 30, (8, 8, 3)), 0, 255).astype(np.uint8)
+            pixels = np.clip(colours[label] + rng.normal(0, 30, (image_size[1], image_size[0], 3)), 0, 255).astype(np.uint8)
             (image_root / path).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(image_root / path)
 

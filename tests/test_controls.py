@@ -21,12 +21,41 @@ def test_pixels_are_read_and_downscaled(tmp_path):
     np.testing.assert_allclose(data.X_train[0], expected.ravel() / 255.0, atol=1e-6)
     np.testing.assert_array_equal(data.y_val, store.load_labels("val"))
 
-    # the images are read in threads: every row still contains its own image
+    # every row contains its own image
     every = np.stack([
         np.asarray(Image.open(tmp_path / "images" / path).convert("RGB").resize((4, 4), Image.Resampling.BILINEAR)).ravel()
         for path in store.paths("train")
     ]) / 255.0
     np.testing.assert_allclose(data.X_train, every, atol=1e-6)
+
+
+def test_large_jpegs_are_read_in_threads_at_a_reduced_scale(tmp_path):
+    from pipeline.devices import available_cpus
+    from stages.controls import threads_pay_off
+
+    store = FeatureStore(write_store(tmp_path / "store", image_root=tmp_path / "images", counts={"train": 24, "test": 12},
+                                     image_size=(320, 256), image_format="jpg"))
+    small = FeatureStore(write_store(tmp_path / "small", image_root=tmp_path / "small-images"))
+    assert threads_pay_off(tmp_path / "images", store.paths("train")) == (available_cpus() > 1)
+    assert not threads_pay_off(tmp_path / "small-images", small.paths("train"))
+
+    data = pixel_tap_data(store, size=16)
+    assert data.X_train.shape == (24, 768)
+
+    def full_decode(path: str) -> np.ndarray:
+        with Image.open(tmp_path / "images" / path) as image:
+            return np.asarray(image.convert("RGB").resize((16, 16), Image.Resampling.BILINEAR)).ravel() / 255.0
+
+    def draft_decode(path: str) -> np.ndarray:
+        with Image.open(tmp_path / "images" / path) as image:
+            image.draft("RGB", (16, 16))
+            assert image.size == (40, 32)  # decoded at 1/8 scale
+            return np.asarray(image.convert("RGB").resize((16, 16), Image.Resampling.BILINEAR)).ravel() / 255.0
+
+    # each row holds its own image, decoded at 1/8 scale, and close to a full decode
+    np.testing.assert_allclose(data.X_train, np.stack([draft_decode(path) for path in store.paths("train")]), atol=1e-6)
+    full = np.stack([full_decode(path) for path in store.paths("train")])
+    assert np.abs(data.X_train - full).mean() < 0.03
 
 
 def test_pixels_without_images_raise(tmp_path):
