@@ -42,16 +42,19 @@ def adamw_step(parameter: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tenso
 
 
 def adamw_update(parameters: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
-                 exp_avg_sqs: Sequence[torch.Tensor], lr: float, weight_decay: float, step: int) -> None:
+                 exp_avg_sqs: Sequence[torch.Tensor], lr: float, weight_decay: float, step: int,
+                 counter: torch.Tensor | None = None) -> None:
     """Apply one AdamW update in place to every tensor of ``parameters``, all with one learning rate and weight decay.
 
-    ``step`` counts the updates so far, this one included (1 for the first).
+    ``step`` counts the updates so far, this one included (1 for the first). ``counter`` may pass
+    it as a 0-d float tensor already made, which the fused kernel reads.
     """
     global _fused_kernel
     # the kernel walks each tensor's memory in order, ignoring strides, so a transposed gradient
     # would be read in the wrong order: gradients are made contiguous, and the states must be
     if _fused_kernel and all(tensor.is_contiguous() for tensor in (*parameters, *exp_avgs, *exp_avg_sqs)):
-        counter = torch.full((), float(step), device=parameters[0].device)
+        if counter is None:
+            counter = torch.full((), float(step), device=parameters[0].device)
         grads = [grad.contiguous() for grad in grads]
         try:
             torch._fused_adamw_(list(parameters), grads, list(exp_avgs), list(exp_avg_sqs), [], [counter] * len(parameters),
@@ -66,13 +69,60 @@ def adamw_update(parameters: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
         adamw_step(parameter, grad, exp_avg, exp_avg_sq, lr, weight_decay, step)
 
 
-def adamw_update_heads(parameters: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
-                       exp_avg_sqs: Sequence[torch.Tensor], lrs: Sequence[float], weight_decays: Sequence[float],
-                       step: int) -> None:
-    """Apply one AdamW update to heads stacked along the first dimension of every tensor, each head with its own values."""
-    for head, (lr, weight_decay) in enumerate(zip(lrs, weight_decays)):
-        adamw_update([tensor[head] for tensor in parameters], [tensor[head] for tensor in grads],
-                     [tensor[head] for tensor in exp_avgs], [tensor[head] for tensor in exp_avg_sqs], lr, weight_decay, step)
+class StackedAdamW:
+    """AdamW over heads stacked along the first dimension of each parameter, each head with its own lr and weight decay.
+
+    The per-head views of the parameters and states are made once, so a step costs one fused
+    call per head and little Python. ``keep`` drops heads that have stopped.
+    """
+
+    def __init__(self, parameters: Sequence[torch.Tensor], lrs: Sequence[float], weight_decays: Sequence[float]) -> None:
+        self.parameters = list(parameters)
+        self.exp_avgs = [torch.zeros_like(parameter) for parameter in self.parameters]
+        self.exp_avg_sqs = [torch.zeros_like(parameter) for parameter in self.parameters]
+        self.lrs, self.weight_decays = [float(lr) for lr in lrs], [float(decay) for decay in weight_decays]
+        self.steps = 0
+        self._make_views()
+
+    def _make_views(self) -> None:
+        self._views = [([tensor[head] for tensor in self.parameters], [tensor[head] for tensor in self.exp_avgs],
+                        [tensor[head] for tensor in self.exp_avg_sqs]) for head in range(len(self.lrs))]
+
+    @torch.no_grad()
+    def step(self, grads: Sequence[torch.Tensor]) -> None:
+        """Update every head with its part of ``grads`` (one per parameter, stacked like it)."""
+        global _fused_kernel
+        self.steps += 1
+        counter = torch.full((), float(self.steps), device=self.parameters[0].device)
+        grads = [grad.contiguous() for grad in grads]
+        if _fused_kernel and all(parameter.is_contiguous() for parameter in self.parameters):
+            # the views of contiguous stacks are contiguous, so each head goes to the kernel as it is
+            counters = [counter] * len(self.parameters)
+            try:
+                for head, (parameters, exp_avgs, exp_avg_sqs) in enumerate(self._views):
+                    torch._fused_adamw_(parameters, [grad[head] for grad in grads], exp_avgs, exp_avg_sqs, [], counters,
+                                        lr=self.lrs[head], beta1=BETAS[0], beta2=BETAS[1],
+                                        weight_decay=self.weight_decays[head], eps=EPS, amsgrad=False, maximize=False)
+                return
+            except (RuntimeError, NotImplementedError) as error:
+                if head:  # an earlier head was updated: a refusal here would be a new kind of failure
+                    raise
+                logger.debug("torch's fused AdamW refused the update (%s): using the written-out one", error)
+                _fused_kernel = False
+        for head, (parameters, exp_avgs, exp_avg_sqs) in enumerate(self._views):
+            adamw_update(parameters, [grad[head] for grad in grads], exp_avgs, exp_avg_sqs, self.lrs[head],
+                         self.weight_decays[head], self.steps, counter)
+
+    def keep(self, rows: Sequence[int]) -> list[torch.Tensor]:
+        """Keep the heads at ``rows`` of the stacks, in that order, and return the new parameters."""
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        self.parameters = [parameter[index].contiguous() for parameter in self.parameters]
+        self.exp_avgs = [state[index].contiguous() for state in self.exp_avgs]
+        self.exp_avg_sqs = [state[index].contiguous() for state in self.exp_avg_sqs]
+        self.lrs = [self.lrs[row] for row in rows]
+        self.weight_decays = [self.weight_decays[row] for row in rows]
+        self._make_views()
+        return self.parameters
 
 
 class AdamW:

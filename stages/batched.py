@@ -3,7 +3,9 @@
 Each head starts from the same initialization, gets the same batch order and takes the same AdamW
 steps as ``LinearHead`` trained alone with the same seed, so the results match up to floating-point
 rounding. The heads of one tap share the (B, D) input batch and keep their weights stacked in one
-(K_tap, D, C) tensor, so one einsum replaces K_tap matrix products and the Python loop runs once.
+(K_tap, C, D) tensor, each head's as ``nn.Linear`` keeps it, so one batched matrix product replaces
+K_tap and the Python loop runs once. The logits come out as (K_tap, C, B), the layout in which
+torch's CPU cross-entropy is fastest (see ``_summed_cross_entropy``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from stages.adamw import adamw_update_heads
+from stages.adamw import StackedAdamW
 from stages.heads import LinearHead, _Standardized, class_weights, standardization
 
 logger = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ class _TapGroup:
     select: torch.Tensor | None  # (N_select, D) standardized selection features
     mean: np.ndarray
     scale: np.ndarray
-    weight: torch.Tensor  # (K_tap, D, C)
+    weight: torch.Tensor  # (K_tap, C, D)
     bias: torch.Tensor  # (K_tap, C)
 
 
@@ -69,8 +71,8 @@ def train_linear_grid(
     loss_weight = None if weight is None else torch.as_tensor(weight)
     groups = [_build_group(tap, settings, train[tap], None if select is None else select[tap], len(classes), seed)
               for tap in dict.fromkeys(setting.tap for setting in settings)]
-    state = [(torch.zeros_like(group.weight), torch.zeros_like(group.weight), torch.zeros_like(group.bias),
-              torch.zeros_like(group.bias)) for group in groups]
+    optimizers = [StackedAdamW((group.weight, group.bias), [settings[member].lr for member in group.members],
+                               [settings[member].weight_decay for member in group.members]) for group in groups]
 
     # per-head early stopping bookkeeping, indexed like settings
     best_score = np.full(len(settings), -1.0)
@@ -81,32 +83,30 @@ def train_linear_grid(
     best_bias = [None] * len(settings)
 
     generator = torch.Generator().manual_seed(seed)
-    step = 0
     for epoch in tqdm(range(epochs), desc=f"linear x{len(settings)}", unit="epoch", leave=False, dynamic_ncols=True):
         order = torch.randperm(len(labels), generator=generator)
+        # one gather per epoch, after which every batch is a contiguous slice
+        shuffled = [group.features[order] for group in groups]
+        shuffled_labels = labels[order]
         for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            step += 1
-            for group, (m_w, v_w, m_b, v_b) in zip(groups, state):
+            batch_labels = shuffled_labels[start : start + batch_size]
+            for group, features, optimizer in zip(groups, shuffled, optimizers):
                 group.weight.requires_grad_(True)
                 group.bias.requires_grad_(True)
-                logits = torch.einsum("bd,kdc->kbc", group.features[batch], group.weight) + group.bias[:, None, :]  # (K, B, C)
+                logits = torch.matmul(group.weight, features[start : start + batch_size].T) + group.bias[:, :, None]  # (K, C, B)
                 # summing the per-head mean cross-entropies gives each head the gradient of its own loss
-                loss = _summed_cross_entropy(logits, labels[batch], loss_weight)
-                grad_weight, grad_bias = torch.autograd.grad(loss, (group.weight, group.bias))
-                with torch.no_grad():
-                    group.weight.requires_grad_(False)
-                    group.bias.requires_grad_(False)
-                    adamw_update_heads((group.weight, group.bias), (grad_weight, grad_bias), (m_w, m_b), (v_w, v_b),
-                                       [settings[member].lr for member in group.members],
-                                       [settings[member].weight_decay for member in group.members], step)
+                loss = _summed_cross_entropy(logits, batch_labels, loss_weight)
+                grads = torch.autograd.grad(loss, (group.weight, group.bias))
+                group.weight.requires_grad_(False)
+                group.bias.requires_grad_(False)
+                optimizer.step(grads)
 
         if select is None:
             continue
         for group in groups:
             with torch.no_grad():
-                logits = torch.einsum("bd,kdc->kbc", group.select, group.weight) + group.bias[:, None, :]
-            accuracy = (classes[logits.argmax(dim=2).numpy()] == np.asarray(y_select)[None, :]).mean(axis=1)  # (K,)
+                logits = torch.matmul(group.weight, group.select.T) + group.bias[:, :, None]  # (K, C, N_select)
+            accuracy = (classes[logits.argmax(dim=1).numpy()] == np.asarray(y_select)[None, :]).mean(axis=1)  # (K,)
             for position, member in enumerate(group.members):
                 if not active[member]:
                     continue
@@ -126,9 +126,9 @@ def train_linear_grid(
             setting = settings[member]
             head = LinearHead(lr=setting.lr, weight_decay=setting.weight_decay, epochs=epochs, batch_size=batch_size,
                               patience=patience, seed=seed, class_weight=class_weight)
-            layer = nn.Linear(group.weight.shape[1], len(classes))
+            layer = nn.Linear(group.weight.shape[2], len(classes))
             with torch.no_grad():
-                layer.weight.copy_((group.weight[position] if best_weight[member] is None else best_weight[member]).T)
+                layer.weight.copy_(group.weight[position] if best_weight[member] is None else best_weight[member])
                 layer.bias.copy_(group.bias[position] if best_bias[member] is None else best_bias[member])
             head.classes_ = classes
             head.module_ = _Standardized(layer, group.mean, group.scale).eval()
@@ -145,9 +145,11 @@ def _build_group(tap: str, settings: list[LinearSetting], X: np.ndarray, X_selec
     members = [position for position, setting in enumerate(settings) if setting.tap == tap]
     weights, biases = [], []
     for _ in members:
-        torch.manual_seed(seed)
+        # the CPU generator only: torch.manual_seed also seeds every accelerator backend, about
+        # 0.6 ms a call here, and the layers are made on the CPU
+        torch.default_generator.manual_seed(seed)
         layer = nn.Linear(X.shape[1], n_classes)
-        weights.append(layer.weight.detach().T.clone())  # (D, C)
+        weights.append(layer.weight.detach().clone())  # (C, D)
         biases.append(layer.bias.detach().clone())
 
     # the same float32 operations as _Standardized.forward, so that inputs match bit for bit
@@ -169,12 +171,13 @@ def _build_group(tap: str, settings: list[LinearSetting], X: np.ndarray, X_selec
 def _summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """Return the sum over heads of each head's mean cross-entropy, as nn.CrossEntropyLoss averages it.
 
-    ``logits`` is (K, B, C). With class weights, the mean divides by the summed weights of the batch.
+    ``logits`` is (K, C, B): the classes in the second dimension, where torch's CPU log-softmax
+    runs along a dimension that is not the innermost. Along the innermost one, as for (K * B, C),
+    it took 1.1 ms for 16 heads x 256 samples x 10 classes, with its backward, against 0.17 ms
+    this way, for the same values bit for bit. With class weights, the mean divides by the summed
+    weights of the batch.
     """
-    heads, batch, classes = logits.shape
-    per_sample = nn.functional.cross_entropy(
-        logits.reshape(heads * batch, classes), labels.repeat(heads), weight=weight, reduction="none"
-    ).reshape(heads, batch)
+    heads, _, batch = logits.shape
+    per_sample = nn.functional.cross_entropy(logits, labels.expand(heads, batch), weight=weight, reduction="none")  # (K, B)
     normalizer = batch if weight is None else weight[labels].sum()
     return per_sample.sum() / normalizer
-

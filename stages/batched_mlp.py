@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages.adamw import adamw_update_heads
+from stages.adamw import StackedAdamW
 from stages.batched import _summed_cross_entropy
 from stages.heads import MLPHead, _Standardized, class_weights, standardization
 
@@ -71,13 +71,11 @@ def train_mlp_grid(
     template = MLPHead(hidden=hidden, dropout=dropout, seed=seed)
     initial = []
     for _ in settings:
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator, as in stages.batched
         body = template.build_body(X.shape[1], len(classes))
         initial.append([body[0].weight.detach().T, body[0].bias.detach(), body[3].weight.detach().T, body[3].bias.detach()])
     parameters = [torch.stack([head[part] for head in initial]).contiguous() for part in range(4)]  # W1, b1, W2, b2
-    moments = [(torch.zeros_like(parameter), torch.zeros_like(parameter)) for parameter in parameters]
-    lrs = [setting.lr for setting in settings]  # of the heads in the stacks, in order
-    weight_decays = [setting.weight_decay for setting in settings]
+    optimizer = StackedAdamW(parameters, [setting.lr for setting in settings], [setting.weight_decay for setting in settings])
 
     # per-head early stopping bookkeeping, indexed like settings
     best_score = np.full(len(settings), -1.0)
@@ -88,28 +86,26 @@ def train_mlp_grid(
     order_generator = torch.Generator().manual_seed(seed)
     dropout_generator = torch.Generator().manual_seed(seed + 1)
     live = np.arange(len(settings))  # positions of the heads still training, in the order of the stacks
-    step = 0
     for epoch in range(epochs):
         order = torch.randperm(len(labels), generator=order_generator)
+        # one gather per epoch, after which every batch is a contiguous slice
+        shuffled, shuffled_labels = features[order], labels[order]
         for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            step += 1
+            batch_labels = shuffled_labels[start : start + batch_size]
             for parameter in parameters:
                 parameter.requires_grad_(True)
             W1, b1, W2, b2 = parameters
-            hidden_values = torch.relu(torch.matmul(features[batch], W1) + b1[:, None, :])  # (K, B, H)
+            hidden_values = torch.relu(torch.matmul(shuffled[start : start + batch_size], W1) + b1[:, None, :])  # (K, B, H)
             if dropout > 0:
                 keep = torch.rand(hidden_values.shape, generator=dropout_generator) >= dropout
                 hidden_values = hidden_values * keep / (1.0 - dropout)
             logits = torch.bmm(hidden_values, W2) + b2[:, None, :]  # (K, B, C)
             # summing the per-head mean cross-entropies gives each head the gradient of its own loss
-            loss = _summed_cross_entropy(logits, labels[batch], loss_weight)
+            loss = _summed_cross_entropy(logits.permute(0, 2, 1), batch_labels, loss_weight)
             grads = torch.autograd.grad(loss, parameters)
-            with torch.no_grad():
-                for parameter in parameters:
-                    parameter.requires_grad_(False)
-                adamw_update_heads(parameters, grads, [exp_avg for exp_avg, _ in moments], [exp_avg_sq for _, exp_avg_sq in moments],
-                                   lrs, weight_decays, step)
+            for parameter in parameters:
+                parameter.requires_grad_(False)
+            optimizer.step(grads)
 
         if select is None:
             continue
@@ -129,10 +125,8 @@ def train_mlp_grid(
         if len(keep_rows) == 0:
             break
         if len(keep_rows) < len(live):
-            index = torch.as_tensor(keep_rows)
-            parameters = [parameter[index].contiguous() for parameter in parameters]
-            moments = [(exp_avg[index].contiguous(), exp_avg_sq[index].contiguous()) for exp_avg, exp_avg_sq in moments]
-            lrs, weight_decays, live = [lrs[row] for row in keep_rows], [weight_decays[row] for row in keep_rows], live[keep_rows]
+            parameters = optimizer.keep(keep_rows.tolist())
+            live = live[keep_rows]
 
     # unpack each head into an MLPHead with the weights of its best epoch (its last without selection)
     heads = []

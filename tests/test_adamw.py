@@ -30,7 +30,7 @@ def test_adamw_matches_torch_optim():
 
 
 def _written_out(parameters, grads, lrs, weight_decays, steps):
-    """Apply ``adamw_step`` head by head, the update that ``adamw_update_heads`` must equal."""
+    """Apply ``adamw_step`` head by head, the update that ``StackedAdamW`` must equal."""
     from stages.adamw import adamw_step
 
     moments = [(torch.zeros_like(parameter), torch.zeros_like(parameter)) for parameter in parameters]
@@ -42,7 +42,7 @@ def _written_out(parameters, grads, lrs, weight_decays, steps):
 
 
 def test_stacked_update_matches_written_out_with_transposed_gradients():
-    from stages.adamw import adamw_update_heads
+    from stages.adamw import StackedAdamW
 
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(3, 7, 5, generator=generator)
@@ -55,9 +55,9 @@ def test_stacked_update_matches_written_out_with_transposed_gradients():
 
     expected = _written_out([weight.clone(), bias.clone()], [grad_weight, grad_bias], lrs, weight_decays, steps=4)
     parameters = [weight.clone(), bias.clone()]
-    moments = [torch.zeros_like(weight), torch.zeros_like(bias)], [torch.zeros_like(weight), torch.zeros_like(bias)]
-    for step in range(1, 5):
-        adamw_update_heads(parameters, [grad_weight, grad_bias], moments[0], moments[1], lrs, weight_decays, step)
+    optimizer = StackedAdamW(parameters, lrs, weight_decays)
+    for _ in range(4):
+        optimizer.step([grad_weight, grad_bias])
     for mine, theirs in zip(parameters, expected):
         assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-7)
     assert not torch.allclose(parameters[0], weight)
@@ -77,3 +77,28 @@ def test_update_falls_back_when_a_state_is_not_contiguous():
     adamw_step(reference, grad, torch.zeros(4, 6), torch.zeros(4, 6), 1e-2, 1e-2, 1)
     adamw_update([parameter], [grad], [exp_avg], [exp_avg_sq], 1e-2, 1e-2, 1)
     assert torch.allclose(parameter, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_stacked_heads_that_stop_leave_the_others_unchanged():
+    from stages.adamw import StackedAdamW, adamw_step
+
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(3, 4, 2, generator=generator)
+    grads = [torch.randn(3, 4, 2, generator=generator) for _ in range(4)]
+    lrs, weight_decays = [1e-2, 2e-2, 3e-2], [1e-2, 0.0, 1e-3]
+
+    # the written-out updates of head 2 alone, over all four steps
+    expected = weight[2:].clone()
+    exp_avg, exp_avg_sq = torch.zeros_like(expected), torch.zeros_like(expected)
+    for step, grad in enumerate(grads, start=1):
+        adamw_step(expected[0], grad[2], exp_avg[0], exp_avg_sq[0], lrs[2], weight_decays[2], step)
+
+    optimizer = StackedAdamW([weight.clone()], lrs, weight_decays)
+    optimizer.step([grads[0]])
+    # heads 0 and 1 stop; head 2 goes on with its own moments and step count
+    (kept,) = optimizer.keep([2])
+    assert kept.shape == (1, 4, 2)
+    for grad in grads[1:]:
+        optimizer.step([grad[2:]])
+    assert torch.allclose(optimizer.parameters[0], expected, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(optimizer.parameters[0], weight[2:])
