@@ -41,7 +41,7 @@ def _written_out(parameters, grads, lrs, weight_decays, steps):
     return parameters
 
 
-def test_stacked_update_matches_written_out_with_transposed_gradients():
+def test_stacked_update_with_transposed_gradients():
     from stages.adamw import StackedAdamW
 
     generator = torch.Generator().manual_seed(0)
@@ -66,7 +66,7 @@ def test_stacked_update_matches_written_out_with_transposed_gradients():
     assert moved[0] < moved[1] < moved[2]
 
 
-def test_update_falls_back_when_a_state_is_not_contiguous():
+def test_update_of_transposed_parameter():
     from stages.adamw import adamw_step, adamw_update
 
     generator = torch.Generator().manual_seed(1)
@@ -79,7 +79,7 @@ def test_update_falls_back_when_a_state_is_not_contiguous():
     assert torch.allclose(parameter, reference, rtol=1e-5, atol=1e-7)
 
 
-def test_stacked_heads_that_stop_leave_the_others_unchanged():
+def test_stopped_heads_leave_others_unchanged():
     from stages.adamw import StackedAdamW, adamw_step
 
     generator = torch.Generator().manual_seed(2)

@@ -29,7 +29,7 @@ def test_pixels_are_read_and_downscaled(tmp_path):
     np.testing.assert_allclose(data.X_train, every, atol=1e-6)
 
 
-def test_large_jpegs_are_read_in_threads_at_a_reduced_scale(tmp_path):
+def test_pixels_of_large_jpegs(tmp_path):
     from pipeline.devices import available_cpus
     from stages.controls import threads_pay_off
 
@@ -52,7 +52,7 @@ def test_large_jpegs_are_read_in_threads_at_a_reduced_scale(tmp_path):
             assert image.size == (40, 32)  # decoded at 1/8 scale
             return np.asarray(image.convert("RGB").resize((16, 16), Image.Resampling.BILINEAR)).ravel() / 255.0
 
-    # each row holds its own image, decoded at 1/8 scale, and close to a full decode
+    # each row contains its own image, decoded at 1/8 scale, and close to a full decode
     np.testing.assert_allclose(data.X_train, np.stack([draft_decode(path) for path in store.paths("train")]), atol=1e-6)
     full = np.stack([full_decode(path) for path in store.paths("train")])
     assert np.abs(data.X_train - full).mean() < 0.03

@@ -91,7 +91,8 @@ def test_standardizer_matches_scikit_learn_scaler():
     X[:, 5] = 7.0  # a constant feature keeps a scale of 1
     ours = Standardizer().fit(X)
     theirs = StandardScaler().fit(X)
-    assert ours.n_samples_seen_ == 300 and ours.n_features_in_ == 12
+    assert ours.n_samples_seen_ == 300
+    assert ours.n_features_in_ == 12
     assert np.allclose(ours.transform(X), theirs.transform(X), atol=1e-4)
     assert np.all(ours.transform(X)[:, 5] == 0.0)
     with pytest.raises(ValueError, match="fitted on 12 features"):

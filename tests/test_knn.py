@@ -96,7 +96,7 @@ def test_fold_sweep_equals_sweep_per_fold():
         assert sweep.train_accuracies[position] == pytest.approx(train), k
 
 
-def test_held_out_fold_sweep_equals_sweep_on_that_fold():
+def test_sweep_of_held_out_fold():
     from stages.selection import TapData, make_folds, sweep_knn
 
     rng = np.random.default_rng(5)

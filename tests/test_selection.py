@@ -156,32 +156,3 @@ def test_folds_record_their_train_rows():
     for fold in make_folds(data, cv_folds=3, seed=0):
         assert np.array_equal(fold.X_train, data.X_train[fold.fit_rows])
         assert np.array_equal(fold.X_select, data.X_train[fold.select_rows])
-
-
-def test_logreg_chains_cover_every_value_once():
-    from stages.selection import logreg_chains
-
-    assert logreg_chains(12, 1) == [range(12)]
-    assert logreg_chains(12, 2) == [range(4), range(4, 12)]
-    assert logreg_chains(2, 2) == [range(1), range(1, 2)]
-    assert logreg_chains(1, 2) == [range(1)]
-
-
-def test_logreg_sweep_in_two_chains_matches_one_chain(monkeypatch):
-    import stages.selection as selection
-
-    rng = np.random.default_rng(2)
-    y = np.arange(90) % 3
-    X = rng.normal(size=(90, 20)).astype(np.float32)
-    X[np.arange(90), y] += 2.0
-    V = rng.normal(size=(150, 20)).astype(np.float32)
-    y_val = np.arange(150) % 3
-    V[np.arange(150), y_val] += 2.0
-    data = TapData("t", X, y, groups=np.arange(90), X_val=V, y_val=y_val)
-    space = {"C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]}
-    two = sweep_logreg(make_folds(data, 3, 0), space, None)
-    monkeypatch.setattr(selection, "logreg_chains", lambda count, chains: [range(count)])
-    one = sweep_logreg(make_folds(data, 3, 0), space, None)
-    assert two.settings == one.settings
-    assert two.scores == pytest.approx(one.scores, abs=0.01)
-    assert two.train_accuracies == pytest.approx(one.train_accuracies, abs=0.01)
