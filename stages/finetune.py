@@ -14,7 +14,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from pipeline.images import ImageFileDataset, build_transform, collate_items
 from pipeline.memory import keep_heap
 from pipeline.settings import DATA_ROOT, DatasetSettings, SettingsError, settings_to_dict
 from pipeline.store import FeatureStore
+from stages.metrics import bootstrap_interval, classification_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -221,15 +222,21 @@ class _Loaders:
 
 def predict(model: nn.Module, loaders: _Loaders, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Return (true labels, predicted labels) of some samples with the evaluation transform."""
+    truth, probabilities = predict_proba(model, loaders, indices)
+    return truth, probabilities.argmax(axis=1)
+
+
+def predict_proba(model: nn.Module, loaders: _Loaders, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Return (true labels (n,), class probabilities (n, C)) of some samples with the evaluation transform."""
     model.eval()
-    truth, predicted = [], []
+    truth, probabilities = [], []
     with torch.inference_mode():
         for images, labels in loaders.batches(indices, train=False):
-            predicted.append(model(images).argmax(dim=1).cpu().numpy())
+            probabilities.append(torch.softmax(model(images).float(), dim=1).cpu().numpy())
             truth.append(labels.cpu().numpy())
     if not truth:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(truth), np.concatenate(predicted)
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    return np.concatenate(truth), np.concatenate(probabilities)
 
 
 def resolve_source(settings: FinetuneSettings) -> tuple[DatasetSettings, str, str, str | None, str, FeatureStore | None]:
@@ -248,6 +255,8 @@ def run_finetune(settings: FinetuneSettings) -> dict[str, Any]:
     settings.validate()
     started = time.perf_counter()
     dataset_settings, backbone_name, weights, checkpoint, results_name, store = resolve_source(settings)
+    # the row records the dataset and backbone that were used, which a store decides
+    settings = replace(settings, dataset=dataset_settings, backbone=backbone_name, weights=weights, checkpoint=checkpoint)
     dataset = load_dataset(dataset_settings)
     if store is not None and store.manifest["key_fields"]["dataset"]["files_sha256"] != dataset_fingerprint(dataset):
         logger.warning(
@@ -306,7 +315,9 @@ def run_finetune(settings: FinetuneSettings) -> dict[str, Any]:
 
     # evaluate like the heads: train accuracy, selection accuracy, and the evaluation split
     train_truth, train_predicted = predict(model, loaders, indices["train"])
-    eval_truth, eval_predicted = predict(model, loaders, indices["eval"])
+    eval_truth, eval_probabilities = predict_proba(model, loaders, indices["eval"])
+    eval_predicted = eval_probabilities.argmax(axis=1)
+    interval = bootstrap_interval(eval_truth, [eval_predicted], seed=settings.seed)
     folder = Path(settings.output_root) / results_name
     row = {
         "tap": settings.label(),
@@ -318,7 +329,10 @@ def run_finetune(settings: FinetuneSettings) -> dict[str, Any]:
         "val_accuracy": best_score,
         "eval_split": eval_split,
         "accuracy": float(accuracy_score(eval_truth, eval_predicted)),
+        "ci_low": interval["ci_low"],
+        "ci_high": interval["ci_high"],
         "balanced_accuracy": float(balanced_accuracy_score(eval_truth, eval_predicted)),
+        "metrics": classification_metrics(eval_truth, eval_probabilities, np.arange(len(dataset.class_names))),
         "notes": notes,
         "seconds": time.perf_counter() - started,
         "device": str(device),

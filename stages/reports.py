@@ -29,15 +29,16 @@ def ranked(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     order = sorted(results, key=lambda item: (-item["select_accuracy"], item["tap"], item["head"]))
     for rank, result in enumerate(order, start=1):
-        metrics = result["metrics"]
+        # fine-tuning rows written before they carried metrics have only their balanced accuracy
+        metrics = result.get("metrics") or {"balanced_accuracy": result.get("balanced_accuracy", "")}
         rows.append({
             **result,
             "rank": rank,
             "control": result.get("control") or "",
             "balanced_accuracy": metrics["balanced_accuracy"],
-            "macro_f1": metrics["macro_f1"],
+            "macro_f1": metrics.get("macro_f1", ""),
             "top5_accuracy": metrics.get("top5_accuracy", ""),
-            "log_loss": metrics["log_loss"],
+            "log_loss": metrics.get("log_loss", ""),
         })
     return rows
 
@@ -53,10 +54,14 @@ def format_value(value: Any) -> str:
 def format_table(results: list[dict[str, Any]]) -> str:
     """Render the leaderboard as an aligned text table for the terminal."""
     header = ["rank", "tap", "head", "control", "selected", "select acc", "train acc", "eval split", "accuracy (95% CI)", "balanced acc"]
+    def accuracy(row: dict[str, Any]) -> str:
+        interval = f" [{row['ci_low']:.3f}, {row['ci_high']:.3f}]" if "ci_low" in row else ""
+        return f"{row['accuracy']:.3f}{interval}"
+
     lines = [
         [str(row["rank"]), row["tap"], row["head"], row["control"], format_value(row["selected"]),
-         f"{row['select_accuracy']:.3f}", f"{row['train_accuracy']:.3f}", row["eval_split"],
-         f"{row['accuracy']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]", f"{row['balanced_accuracy']:.3f}"]
+         f"{row['select_accuracy']:.3f}", f"{row['train_accuracy']:.3f}", row["eval_split"], accuracy(row),
+         format_value(row["balanced_accuracy"]) if row["balanced_accuracy"] == "" else f"{row['balanced_accuracy']:.3f}"]
         for row in ranked(results)
     ]
     widths = [max(len(str(item)) for item in column) for column in zip(header, *lines)]

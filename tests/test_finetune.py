@@ -134,13 +134,26 @@ def test_run_finetune_reuses_store_split(colour_folder, tmp_path):
         workers=0, device="cpu", output_root=str(tmp_path / "features"),
     ))
     run_heads(HeadSettings(store=str(extraction.folder), heads=("logreg",), controls=(), output_root=str(tmp_path / "results")))
-    run_finetune(FinetuneSettings(
+    row = run_finetune(FinetuneSettings(
         store=str(extraction.folder), unfreeze="all", epochs=1, batch_size=8, workers=0, device="cpu",
         output_root=str(tmp_path / "results"),
     ))
     rows = leaderboard_rows(tmp_path / "results" / extraction.folder.name)
     assert sorted(row["head"] for row in rows) == ["finetune", "logreg"]
     assert len({row["eval_split"] for row in rows}) == 1
+
+    # the row records the store's dataset and backbone, not the defaults of the settings
+    assert row["settings"]["dataset"]["source"] == str(colour_folder)
+    assert row["settings"]["backbone"] == "test_efficientnet"
+    assert row["ci_low"] <= row["accuracy"] <= row["ci_high"]
+    assert row["metrics"]["balanced_accuracy"] == pytest.approx(row["balanced_accuracy"])
+
+    # the combined leaderboard that `featcache finetune` prints
+    from stages.train_heads import format_table
+
+    table = format_table(rows).splitlines()
+    assert len(table) == 4
+    assert any(" finetune " in line for line in table[2:])
 
 
 @pytest.mark.slow

@@ -43,3 +43,13 @@ def test_ranking_uses_selection_not_test_accuracy():
     rows = ranked([lucky, chosen])
     assert [row["key"] for row in rows] == ["k1", "k2"]
     assert [row["rank"] for row in rows] == [1, 2]
+
+
+def test_table_of_rows_without_metrics():
+    row = {"tap": "finetune:last-1", "head": "finetune", "selected": {"epoch": 3}, "select_split": "val",
+           "select_accuracy": 0.9, "val_accuracy": 0.9, "train_accuracy": 0.95, "eval_split": "test",
+           "accuracy": 0.875, "balanced_accuracy": 0.86}
+    line = format_table([row]).splitlines()[2]
+    assert "0.875" in line
+    assert line.endswith("0.860")
+    assert "[" not in line  # no interval to show
