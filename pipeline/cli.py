@@ -380,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     taps = add_command("taps", help="list the tap names of a backbone with their output shapes")
     taps.add_argument("backbone", nargs="?", default=DEFAULT_BACKBONE)
-    taps.add_argument("--weights", default="default")
+    taps.add_argument("--weights", default="random",
+                      help="weights to build the backbone with; tap names and shapes do not depend on them, so "
+                           "random weights, which need no download, are the default")
     taps.add_argument("--depth", type=_at_least(0), default=2, help="list layers up to this many dots deep")
     taps.add_argument("--offline", action="store_true")
     taps.set_defaults(handler=command_taps)

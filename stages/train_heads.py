@@ -88,6 +88,20 @@ def plan_units(store: FeatureStore, taps: list[str], settings: HeadSettings) -> 
     return units
 
 
+def check_results_folder(folder: Path) -> None:
+    """Create the results folder of a store, or raise SettingsError, before any head trains."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".featcache-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        reason = "it or a folder above it is a file" if isinstance(error, (FileExistsError, NotADirectoryError)) else error.strerror
+        raise SettingsError(
+            f"Cannot write head results to {folder}: {reason}. Pass a writable folder as --results (output_root)."
+        ) from error
+
+
 def run_heads(settings: HeadSettings, features_root: Path = Path("data/features")) -> list[dict[str, Any]]:
     """Train every head on every tap of a store, plus the controls, and write the leaderboard and plots."""
     settings.validate()
@@ -104,6 +118,7 @@ def run_heads(settings: HeadSettings, features_root: Path = Path("data/features"
 
     # look up each unit's result by key
     output = Path(settings.output_root) / store.name
+    check_results_folder(output)
     index = ResultsIndex(output)
     method = choose_selection("val" in store.splits(), len(np.unique(store.indices("train"))), settings.cv_max_train)
     selection = "val" if method == "val" else f"{method}{settings.cv_folds}"  # cv3 or holdout3 in the result keys

@@ -198,3 +198,14 @@ def test_pixels_control_uses_linear_grid(tmp_path):
     # images coloured by class: pixels give well above chance (1/3) with 90 train images
     assert pixels["accuracy"] > 0.6
     assert pixels["seconds"] > 0.0
+
+
+def test_results_folder_that_is_a_file(store_folder: Path, tmp_path: Path) -> None:
+    from pipeline.settings import SettingsError
+
+    occupied = tmp_path / "occupied"
+    occupied.write_text("not a folder\n")
+    settings = HeadSettings(store=str(store_folder), heads=FAST_HEADS, controls=(), output_root=str(occupied))
+    with pytest.raises(SettingsError, match="Cannot write head results to .*occupied.*--results"):
+        run_heads(settings)
+    assert occupied.read_text() == "not a folder\n"
