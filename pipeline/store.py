@@ -34,6 +34,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -98,12 +99,38 @@ def _fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
+class DamagedStoreError(StoreError):
+    """A store's manifest or shard file cannot be read."""
+
+
 def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """Return a store's manifest, or None when it has none; raise DamagedStoreError when it is not valid JSON."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DamagedStoreError(
+            f"The manifest {path} is damaged ({error}): rebuild the store by rerunning its 'featcache extract' "
+            "command with --force, or delete the folder."
+        ) from error
+
+
+@contextmanager
+def open_shard(path: Path, store: Path) -> Iterator[h5py.File]:
+    """Open a shard file for reading, raising DamagedStoreError with what to do when it is missing or unreadable."""
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as error:
+        reason = "is missing" if not Path(path).exists() else f"cannot be read ({error})"
+        raise DamagedStoreError(
+            f"Shard {path} of store {store} {reason}: run 'featcache verify {store}', and rebuild the store by "
+            "rerunning its 'featcache extract' command with --force."
+        ) from error
+    with handle:
+        yield handle
 
 
 @dataclass
@@ -213,7 +240,12 @@ class StoreWriter:
         shards of another key.
         """
         folder = Path(folder)
-        existing = read_manifest(folder)
+        try:
+            existing = read_manifest(folder)
+        except DamagedStoreError:
+            if not fresh:
+                raise
+            existing = None  # replaced below, with the shards
         same_key = existing is not None and existing.get("key") == header["key"]
         if same_key and not existing.get("complete") and not fresh:
             logger.info("Resuming store %s: %d shards already complete", folder, len(existing["shards"]))
@@ -349,7 +381,7 @@ class FeatureStore:
         if self._columns is None:
             parts: dict[str, list[np.ndarray]] = {"label": [], "path": [], "split": [], "index": [], "view": []}
             for path in self.shard_paths():
-                with h5py.File(path, "r") as handle:
+                with open_shard(path, self.folder) as handle:
                     parts["label"].append(handle["label"][:])
                     parts["index"].append(handle["index"][:])
                     has_views = "view" in handle
@@ -366,7 +398,7 @@ class FeatureStore:
         if tap not in self._features:
             blocks = []
             for path in self.shard_paths():
-                with h5py.File(path, "r") as handle:
+                with open_shard(path, self.folder) as handle:
                     block = handle["features"][tap][:]
                 # a shard whose files all failed to decode may store (0, 0) when no dimension was known yet
                 if len(block):
@@ -432,7 +464,7 @@ class FeatureStore:
         """
         if tap not in self.taps:
             raise KeyError(f"Tap {tap!r} is not in store {self.name}: its taps are {list(self.taps)}.")
-        with h5py.File(self.shard_paths()[position], "r") as handle:
+        with open_shard(self.shard_paths()[position], self.folder) as handle:
             rows = handle["split"].asstr()[:] == split
             if not rows.any():
                 return None

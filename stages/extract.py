@@ -29,6 +29,7 @@ from pipeline.memory import keep_heap, release_free_heap
 from pipeline.rank_records import finish_writer, open_writer
 from pipeline.settings import ExtractSettings, settings_to_dict
 from pipeline.store import (
+    DamagedStoreError,
     ShardData,
     StoreError,
     StoreWriter,
@@ -117,7 +118,13 @@ def _locate_store(
     key = compute_key(fields)
     folder = store_folder(settings, dataset, provenance["backbone"], key)
     recover_replaced_store(folder)
-    return fields, key, folder, read_manifest(folder)
+    try:
+        return fields, key, folder, read_manifest(folder)
+    except DamagedStoreError:
+        if not settings.force:
+            raise
+        logger.warning("The manifest of store %s is damaged: --force rebuilds the store from the start.", folder)
+        return fields, key, folder, None
 
 
 def _is_cache_hit(existing: dict[str, Any] | None, key: str, settings: ExtractSettings) -> bool:
@@ -225,8 +232,10 @@ def _run_extraction(settings: ExtractSettings, context: DistributedContext) -> E
         logger.info("Building the replacement of store %s (key %s) in %s", folder, str(existing.get("key"))[:12], target)
 
     header = _store_header(settings, dataset, key, fields, provenance)
+    # --force starts a store over, but a replacement that an earlier --force run left unfinished
+    # has the same key and is resumed like any interrupted store
     with store_write_errors(target):
-        writer = open_writer(target, header, settings_to_dict(settings), context, fresh=settings.force)
+        writer = open_writer(target, header, settings_to_dict(settings), context, fresh=settings.force and target == folder)
     loop_started = time.perf_counter()
     extracted, tap_dims = _extract_pending(replace(settings, device=context.device), dataset, backbone, writer)
     loop_seconds = time.perf_counter() - loop_started

@@ -138,6 +138,9 @@ def inspect_store(folder: str | Path) -> str:
     planned = int(manifest["num_samples_planned"])
     shard_total = (planned + shard_size - 1) // shard_size
     status = "complete" if manifest.get("complete") else f"incomplete, {len(manifest['shards'])} of {shard_total} shards"
+    missing = [entry["file"] for entry in manifest["shards"] if not (folder / entry["file"]).is_file()]
+    if missing:
+        status += f"; {len(missing)} shard files missing, such as {missing[0]}: run 'featcache verify {folder}'"
     lines = [
         f"store        {folder} ({status})",
         f"key          {manifest['key']}",

@@ -20,9 +20,9 @@ from PIL import Image
 
 import pipeline.store
 from pipeline.settings import DatasetSettings, ExtractSettings
-from pipeline.store import FeatureStore, StoreError, read_manifest
+from pipeline.store import FeatureStore, StoreError, read_manifest, rebuild_folder
 from stages.extract import run_extraction
-from stages.inspect import verify_store
+from stages.inspect import inspect_store, verify_store
 from tests.conftest import COLOURS, write_colour_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -284,6 +284,49 @@ def test_full_disk_keeps_earlier_store(tiny_folder: Path, tmp_path: Path, monkey
         run_extraction(settings_for(tiny_folder, tmp_path / "out", **change))
     assert (earlier.folder / "manifest.json").read_text() == manifest_before
     assert verify_store(earlier.folder) == []
+
+
+def test_interrupted_force_rebuild_resumes(tiny_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    earlier = run_extraction(settings_for(tiny_folder, tmp_path / "out"))
+    manifest_before = (earlier.folder / "manifest.json").read_text()
+    write = pipeline.store.write_shard_file
+
+    def fail_on_second_shard(folder, shard, *args, **kwargs):
+        if shard == 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "shard-00001.h5.tmp")
+        return write(folder, shard, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.store, "write_shard_file", fail_on_second_shard)
+    with pytest.raises(StoreError, match="No space left on device"):
+        run_extraction(settings_for(tiny_folder, tmp_path / "out", force=True))
+    assert (earlier.folder / "manifest.json").read_text() == manifest_before
+
+    monkeypatch.setattr(pipeline.store, "write_shard_file", write)
+    resumed = run_extraction(settings_for(tiny_folder, tmp_path / "out", force=True))
+    assert resumed.folder == earlier.folder
+    assert resumed.extracted == 2  # only the second shard's images: the first was kept
+    assert verify_store(resumed.folder) == []
+    assert not rebuild_folder(earlier.folder).exists()
+
+
+def test_damaged_manifest_named_and_rebuilt(tiny_folder: Path, tmp_path: Path) -> None:
+    earlier = run_extraction(settings_for(tiny_folder, tmp_path / "out"))
+    (earlier.folder / "manifest.json").write_text("{\n  broken")
+    with pytest.raises(StoreError, match="manifest .*manifest.json is damaged .*--force"):
+        FeatureStore(earlier.folder)
+    with pytest.raises(StoreError, match="is damaged"):
+        run_extraction(settings_for(tiny_folder, tmp_path / "out"))
+    rebuilt = run_extraction(settings_for(tiny_folder, tmp_path / "out", force=True))
+    assert rebuilt.extracted == 6
+    assert verify_store(rebuilt.folder) == []
+
+
+def test_missing_shard_named_with_fix(tiny_folder: Path, tmp_path: Path) -> None:
+    store = run_extraction(settings_for(tiny_folder, tmp_path / "out"))
+    (store.folder / "shards" / "shard-00001.h5").unlink()
+    with pytest.raises(StoreError, match="shard-00001.h5 of store .* is missing: run 'featcache verify"):
+        FeatureStore(store.folder).load("train", "pre_logits")
+    assert "1 shard files missing, such as shards/shard-00001.h5" in inspect_store(store.folder).splitlines()[0]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions")
