@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -447,8 +448,22 @@ def reported_errors() -> tuple[type[Exception], ...]:
     return tuple(errors)
 
 
+def with_option_names(message: str, options: set[str]) -> str:
+    """Write a settings field at the start of a "field=value" phrase as the command's option, where it has one.
+
+    The settings classes name their fields ("val_fraction=1.5 is invalid"), and a command-line user
+    knows the options ("--val-fraction=1.5 is invalid").
+    """
+    def option(match: re.Match) -> str:
+        dashed = "--" + match.group(1).replace("_", "-")
+        return f"{dashed}=" if dashed in options else match.group(0)
+
+    return re.sub(r"(?<![\w.-])([a-z][a-z0-9_]*)=", option, message)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     configure_logging(args.verbose)
     try:
         return args.handler(args)
@@ -459,8 +474,18 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if not isinstance(error, reported_errors()):
             raise
-        logger.error("%s", error)
+        logger.error("%s", with_option_names(str(error), command_options(parser, args)))
         return 2
+
+
+def command_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> set[str]:
+    """Return the option strings of the subcommand that ``args`` ran."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                if command.get_default("handler") is args.handler:
+                    return {name for item in command._actions for name in item.option_strings}
+    return set()
 
 
 if __name__ == "__main__":

@@ -165,3 +165,20 @@ def test_verbose_before_or_after_subcommand(argv):
 
 def test_verbose_off_by_default():
     assert build_parser().parse_args(["extract"]).verbose is False
+
+
+def test_settings_errors_name_the_option(in_tmp, colour_folder, caplog):
+    assert main(["extract", "--data", str(colour_folder), "--val-fraction", "1.5"]) == 2
+    assert "--val-fraction=1.5 is invalid" in caplog.text
+    caplog.clear()
+    assert main(["heads", "--overfit-gap", "-1"]) == 2
+    assert "--overfit-gap=-1.0 is invalid" in caplog.text
+
+
+def test_option_names_only_for_known_options():
+    from pipeline.cli import with_option_names
+
+    options = {"--val-fraction", "--seeds"}
+    assert with_option_names("val_fraction=1.5 is invalid", options) == "--val-fraction=1.5 is invalid"
+    assert with_option_names("cv_max_train=-1 is invalid", options) == "cv_max_train=-1 is invalid"
+    assert with_option_names("--seeds=0 and seeds=0", options) == "--seeds=0 and --seeds=0"
