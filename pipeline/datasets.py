@@ -132,6 +132,12 @@ def scan_folder(root: Path, settings: DatasetSettings) -> Dataset:
     for message in warnings:
         logger.warning("%s", message)
     if not samples:
+        loose = [path.name for path in sorted(root.iterdir()) if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS]
+        if loose:
+            raise ValueError(
+                f"No images found in the class folders of {root}, but {len(loose)} lie directly in it, such as "
+                f"{loose[0]!r}: move each image into the folder of its class."
+            )
         raise ValueError(f"No images found below {root}: expected files ending in {sorted(IMAGE_EXTENSIONS)}.")
     return Dataset(root.name, root, class_names, sorted_samples(samples), source, warnings)
 

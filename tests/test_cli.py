@@ -182,3 +182,11 @@ def test_option_names_only_for_known_options():
     assert with_option_names("val_fraction=1.5 is invalid", options) == "--val-fraction=1.5 is invalid"
     assert with_option_names("cv_max_train=-1 is invalid", options) == "cv_max_train=-1 is invalid"
     assert with_option_names("--seeds=0 and seeds=0", options) == "--seeds=0 and --seeds=0"
+
+
+def test_help_of_off_switch_has_no_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["extract", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--no-draft decode JPEGs at full size (no draft mode) --virtual-view" in text
+    assert "(default: on)" in text  # the on/off pairs still state theirs

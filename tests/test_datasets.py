@@ -160,3 +160,10 @@ def test_digits_render_with_fixed_split(tmp_path: Path):
 def test_invalid_fractions_rejected():
     with pytest.raises(SettingsError, match="leaves no"):
         DatasetSettings("digits", val_fraction=0.5, test_fraction=0.5).validate()
+
+
+def test_images_outside_class_folders_named(tmp_path: Path) -> None:
+    write_colour_image(tmp_path / "loose.png", (200, 10, 10), seed=0)
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(ValueError, match="1 lie directly in it, such as 'loose.png': move each image"):
+        scan_folder(tmp_path, DatasetSettings(str(tmp_path)))
