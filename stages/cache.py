@@ -26,6 +26,10 @@ MANIFEST = "manifest.json"
 class HeadFileError(RuntimeError):
     """A saved head file is missing or does not match the SHA-256 recorded in the results manifest."""
 
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{problem}. Rerun 'featcache heads', which trains it again.")
+        self.problem = problem
+
 
 def result_key(store_key: str, unit: dict[str, Any]) -> str:
     """Hash the store key and a unit's full settings into the key of its result."""
@@ -54,7 +58,7 @@ class ResultsIndex:
             try:
                 verify_head_file(self.folder / head_file, entry["head_sha256"])
             except HeadFileError as error:
-                logger.warning("Retraining result %s: %s", key[:12], error)
+                logger.warning("%s: training result %s again.", error.problem, key[:12])
                 return None
         return json.loads(self.result_path(key).read_text(encoding="utf-8"))
 
@@ -100,13 +104,12 @@ def save_head(head: Any, folder: Path, key: str) -> Path:
 def verify_head_file(path: Path, expected_sha256: str) -> None:
     """Raise HeadFileError unless ``path`` exists and its SHA-256 equals ``expected_sha256``."""
     if not Path(path).is_file():
-        raise HeadFileError(f"Head file {path} is missing: rerun 'featcache heads' to train it again.")
+        raise HeadFileError(f"Head file {path} is missing")
     actual = file_sha256(Path(path))
     if actual != expected_sha256:
         raise HeadFileError(
             f"Head file {path} has SHA-256 {actual[:16]}..., but the results manifest records "
-            f"{expected_sha256[:16]}...: it was changed after training and is not loaded. Delete it and rerun "
-            "'featcache heads' to train it again."
+            f"{expected_sha256[:16]}...: it was changed after training and is not loaded"
         )
 
 

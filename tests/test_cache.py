@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -53,11 +55,14 @@ def test_changed_head_file_is_rejected(tmp_path, head, monkeypatch):
         load_head(path, expected)
 
 
-def test_index_retrains_result_with_changed_head(tmp_path):
+def test_index_retrains_result_with_changed_head(tmp_path, caplog):
     X, y = training_data()
     index = ResultsIndex(tmp_path)
     recorded = index.record("k1", {"tap": "a", "head": "logreg"}, LogisticRegressionHead().fit(X, y))
     assert ResultsIndex(tmp_path).cached("k1") == recorded
     assert ResultsIndex(tmp_path).manifest["results"]["k1"]["head_sha256"] == file_sha256(tmp_path / recorded["head_file"])
     (tmp_path / recorded["head_file"]).write_bytes(b"not a head")
-    assert ResultsIndex(tmp_path).cached("k1") is None
+    with caplog.at_level(logging.WARNING, logger="stages.cache"):
+        assert ResultsIndex(tmp_path).cached("k1") is None
+    assert "changed after training and is not loaded: training result k1 again." in caplog.text
+    assert "Rerun" not in caplog.text  # the run that logs it is the one that trains it again
