@@ -151,6 +151,15 @@ def skipped_rows(name: str, weights: str, taps: tuple[str, ...], reason: str) ->
     return [{"backbone": name, "weights": weights, "tap": tap, "status": "skipped", "reason": reason} for tap in taps]
 
 
+def store_timing(store: FeatureStore) -> dict[str, float]:
+    """Return the speed that a store's manifest records for the run that completed it, or {} for older stores."""
+    recorded = store.manifest.get("extraction") or {}
+    if not recorded.get("images") or not recorded.get("loop_seconds"):
+        return {}
+    return {"images": recorded["images"], "loop_seconds": recorded["loop_seconds"],
+            "images_per_second": recorded["images"] / recorded["loop_seconds"]}
+
+
 def bench_one(name: str, weights: str, settings: BenchSettings, timings: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     """Extract, train heads and measure one backbone; return one leaderboard row per tap."""
 
@@ -184,7 +193,7 @@ def bench_one(name: str, weights: str, settings: BenchSettings, timings: dict[st
             "loop_seconds": result.loop_seconds,
             "images_per_second": result.extracted / max(result.loop_seconds, 1e-9),
         }
-    timing = timings.get(store.key, {})
+    timing = timings.get(store.key) or store_timing(store)
 
     # stage two: reuse earlier results of this store when they cover every head and tap
     results_folder = Path(settings.results_root) / store.name
@@ -204,7 +213,7 @@ def bench_one(name: str, weights: str, settings: BenchSettings, timings: dict[st
                 "weights": weights,
                 "tap": tap,
                 "status": "ok",
-                "reason": "",
+                "reason": "" if timing else "store reused, and it records no extraction speed: extract it again with --force",
                 "images_per_second": timing.get("images_per_second"),
                 "parameters": parameters,
                 "gflops": gflops,

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.backbones import build_backbone
 from pipeline.settings import DatasetSettings, SettingsError
+from pipeline.store import FeatureStore
 from stages.bench import BenchSettings, best_head_per_tap, count_gflops, expand_runs, parse_backbone_spec, run_bench
 
 
@@ -105,6 +106,14 @@ def test_bench_rows_files_and_reuse(colour_folder, in_tmp, tmp_path, monkeypatch
     assert again["efficientnet_lite0"]["heads_reused"]
     assert again["efficientnet_lite0"]["images_per_second"] == lite0["images_per_second"]
     assert again["efficientnet_lite0"]["test_accuracy"] == lite0["test_accuracy"]
+
+    # a store extracted before the bench knew of it: its manifest's speed is reported
+    (bench / "timings.json").unlink()
+    fresh = {row["backbone"]: row for row in run_bench(settings)}
+    recorded = FeatureStore(lite0["store"]).manifest["extraction"]
+    assert fresh["efficientnet_lite0"]["store_reused"]
+    assert fresh["efficientnet_lite0"]["images_per_second"] == pytest.approx(recorded["images"] / recorded["loop_seconds"])
+    assert fresh["efficientnet_lite0"]["reason"] == ""
 
 
 def test_unknown_head_rejected():
