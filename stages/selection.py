@@ -67,13 +67,26 @@ class Sweep:
     train_accuracies: list[float]  # train accuracy per setting, for the overfitting check
     best_epochs: list[float]  # mean best epoch per setting (torch heads), else 0
     fitted: list[Any] | None = None  # the fitted heads, when there is a single fold (val)
+    losses: list[float] | None = None  # selection log loss per setting, where the head computes it
 
     def best(self) -> int:
-        """Return the position of the best setting; ties go to the first in grid order."""
-        return int(np.argmax(self.scores))
+        """Return the position of the best setting.
+
+        Settings tied on accuracy go to the lowest selection log loss where the sweep has one, and
+        then to the first in grid order. On a small or easy selection split many values of C tie,
+        and the first of them, the smallest, gives nearly uniform probabilities.
+        """
+        scores = np.asarray(self.scores)
+        tied = np.flatnonzero(scores == scores.max())
+        if self.losses is None:
+            return int(tied[0])
+        return int(tied[np.argmin(np.asarray(self.losses)[tied])])
 
     def table(self) -> list[dict[str, Any]]:
-        return [{"setting": setting, "score": score} for setting, score in zip(self.settings, self.scores)]
+        rows = [{"setting": setting, "score": score} for setting, score in zip(self.settings, self.scores)]
+        for row, loss in zip(rows, self.losses or []):
+            row["log_loss"] = loss
+        return rows
 
 
 def parameter_grid(space: dict[str, list]) -> list[dict[str, Any]]:
@@ -183,9 +196,9 @@ def sweep_logreg(folds: list[Fold], space: dict[str, list], class_weight: str | 
     settings = [{"C": value} for value in sorted(space["C"])]
     with threadpool_limits(1), ThreadPoolExecutor(min(LOGREG_THREADS, len(folds))) as pool:
         results = list(pool.map(lambda fold: _logreg_path(_standardized_fold(fold), settings, class_weight, max_iter), folds))
-    scores = np.array([select for select, _ in results])
-    train_scores = np.array([train for _, train in results])
-    return Sweep(settings, scores.mean(axis=0).tolist(), train_scores.mean(axis=0).tolist(), [0.0] * len(settings))
+    scores, train_scores, losses = (np.array([result[part] for result in results]) for part in range(3))
+    return Sweep(settings, scores.mean(axis=0).tolist(), train_scores.mean(axis=0).tolist(), [0.0] * len(settings),
+                 losses=losses.mean(axis=0).tolist())
 
 
 def _standardized_fold(fold: Fold) -> Fold:
@@ -198,8 +211,8 @@ def _standardized_fold(fold: Fold) -> Fold:
 
 
 def _logreg_path(fold: Fold, settings: list[dict[str, float]], class_weight: str | None,
-                 max_iter: int) -> tuple[list[float], list[float]]:
-    """Return (selection accuracy, train accuracy) per C on one standardized fold."""
+                 max_iter: int) -> tuple[list[float], list[float], list[float]]:
+    """Return (selection accuracy, train accuracy, selection log loss) per C on one standardized fold."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
@@ -207,16 +220,26 @@ def _logreg_path(fold: Fold, settings: list[dict[str, float]], class_weight: str
 
     X_fit, X_select = fold.X_train, fold.X_select
     model = LogisticRegression(warm_start=True, max_iter=max_iter, class_weight=class_weight)
-    select, train = [], []
+    select, train, losses = [], [], []
     for setting in settings:
         model.set_params(C=setting["C"])
         with warnings.catch_warnings():
             # NOTE: large C on separable features may stop at max_iter; the val score still ranks it.
             warnings.simplefilter("ignore", ConvergenceWarning)
             model.fit(X_fit, fold.y_train)
-        select.append(float(np.mean(model.predict(X_select) == fold.y_select)))
+        probabilities = model.predict_proba(X_select)
+        select.append(float(np.mean(model.classes_[probabilities.argmax(axis=1)] == fold.y_select)))
         train.append(float(np.mean(model.predict(X_fit) == fold.y_train)))
-    return select, train
+        losses.append(selection_log_loss(probabilities, model.classes_, fold.y_select))
+    return select, train, losses
+
+
+def selection_log_loss(probabilities: np.ndarray, classes: np.ndarray, labels: np.ndarray) -> float:
+    """Return the mean negative log probability of the true labels; a label the head never saw gets probability 1e-15."""
+    columns = {label: column for column, label in enumerate(classes.tolist())}
+    rows = np.array([columns.get(label, -1) for label in np.asarray(labels).tolist()])
+    true = np.where(rows >= 0, probabilities[np.arange(len(rows)), np.maximum(rows, 0)], 0.0)
+    return float(-np.mean(np.log(np.clip(true, 1e-15, 1.0))))
 
 
 def sweep_knn(folds: list[Fold], space: dict[str, list]) -> Sweep:

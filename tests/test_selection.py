@@ -156,3 +156,28 @@ def test_folds_record_their_train_rows():
     for fold in make_folds(data, cv_folds=3, seed=0):
         assert np.array_equal(fold.X_train, data.X_train[fold.fit_rows])
         assert np.array_equal(fold.X_select, data.X_train[fold.select_rows])
+
+
+def test_accuracy_ties_go_to_lowest_log_loss():
+    from stages.selection import Sweep
+
+    settings = [{"C": C} for C in (1e-6, 1e-2, 1.0, 100.0)]
+    tied = Sweep(settings, [0.9, 0.95, 0.95, 0.95], [0.9] * 4, [0.0] * 4, losses=[0.69, 0.40, 0.15, 0.15])
+    assert tied.best() == 2  # lowest loss among the tied, then the first of those
+    assert Sweep(settings, [0.9, 0.95, 0.95, 0.95], [0.9] * 4, [0.0] * 4).best() == 1
+    assert Sweep(settings, [0.96, 0.95, 0.95, 0.95], [0.9] * 4, [0.0] * 4, losses=[0.69, 0.1, 0.1, 0.1]).best() == 0
+    assert tied.table()[2] == {"setting": {"C": 1.0}, "score": 0.95, "log_loss": 0.15}
+
+
+def test_logreg_on_easy_data_avoids_the_smallest_c():
+    rng = np.random.default_rng(3)
+    y = np.arange(60) % 2
+    y_val = np.arange(40) % 2
+    # one feature, the classes 12 standard deviations apart: every C classifies val perfectly
+    X = (12.0 * y + rng.normal(size=60)).astype(np.float32)[:, None]
+    V = (12.0 * y_val + rng.normal(size=40)).astype(np.float32)[:, None]
+    data = TapData("t", X, y, groups=np.arange(60), X_val=V, y_val=y_val)
+    sweep = sweep_logreg(make_folds(data, 3, 0), {"C": [1e-6, 1e-4, 1e-2, 1.0]}, None)
+    assert sweep.scores == [1.0, 1.0, 1.0, 1.0]
+    assert sweep.settings[sweep.best()]["C"] == 1.0
+    assert sweep.losses[sweep.best()] < sweep.losses[0] / 10
