@@ -346,7 +346,7 @@ class _DefaultsHelpFormatter(argparse.HelpFormatter):
         if "default" in text or default is None or default is False or default == argparse.SUPPRESS:
             return text
         if isinstance(action, argparse._StoreFalseAction):
-            return text  # the flag turns something off, so its default of True says only that it is on
+            return text  # the flag turns something off, and its default of True only means that it is on
         default_text = ",".join(str(item) for item in default) if isinstance(default, (tuple, list)) else str(default)
         # argparse formats help strings with %, so a % in the default is doubled
         return f"{text} (default: {default_text.replace('%', '%%') or 'none'})"

@@ -185,7 +185,7 @@ def sweep_logreg(folds: list[Fold], space: dict[str, list], class_weight: str | 
 
     A fold's path stays one chain, even when it is the only fold and leaves a core idle. Past the
     best C, a warm-started fit stops within a few iterations near the previous solution, so the
-    large values of C tie and the first of them, the most regularized, is selected. A second
+    large values of C tie, with equal log losses, and the first of them is selected. A second
     chain that started cold in the middle of the path ran 1.6x faster on cifar10-small, but it
     ended those fits elsewhere and changed the selected C on digits (C = 1000 instead of 1).
     """
