@@ -91,15 +91,9 @@ def train_linear_grid(
         for start in range(0, len(order), batch_size):
             batch_labels = shuffled_labels[start : start + batch_size]
             for group, features, optimizer in zip(groups, shuffled, optimizers):
-                group.weight.requires_grad_(True)
-                group.bias.requires_grad_(True)
-                logits = torch.matmul(group.weight, features[start : start + batch_size].T) + group.bias[:, :, None]  # (K, C, B)
-                # summing the per-head mean cross-entropies gives each head the gradient of its own loss
-                loss = _summed_cross_entropy(logits, batch_labels, loss_weight)
-                grads = torch.autograd.grad(loss, (group.weight, group.bias))
-                group.weight.requires_grad_(False)
-                group.bias.requires_grad_(False)
-                optimizer.step(grads)
+                batch = features[start : start + batch_size]  # (B, D)
+                logits = torch.matmul(group.weight, batch.T) + group.bias[:, :, None]  # (K, C, B)
+                optimizer.step(_linear_gradients(logits, batch, batch_labels, loss_weight))
 
         if select is None:
             continue
@@ -166,6 +160,25 @@ def _build_group(tap: str, settings: list[LinearSetting], X: np.ndarray, X_selec
         weight=torch.stack(weights),
         bias=torch.stack(biases),
     )
+
+
+def _linear_gradients(logits: torch.Tensor, batch: torch.Tensor, labels: torch.Tensor,
+                      weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the gradients of each head's mean cross-entropy with respect to its (C, D) weights and (C,) bias.
+
+    ``logits`` is (K, C, B) for the (B, D) ``batch``. The gradient of a mean cross-entropy with
+    respect to the logits is (softmax - one-hot) / B, with class weights w[y] / sum(w[y]) in place
+    of 1 / B. Written out, it skips autograd's graph, a third of a small grid's step.
+    """
+    gradient = torch.softmax(logits, dim=1)  # (K, C, B)
+    columns = torch.arange(logits.shape[2])
+    gradient[:, labels, columns] -= 1.0
+    if weight is None:
+        gradient /= logits.shape[2]
+    else:
+        sample_weight = weight[labels]
+        gradient *= sample_weight / sample_weight.sum()
+    return torch.matmul(gradient, batch), gradient.sum(dim=2)
 
 
 def _summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
