@@ -118,6 +118,10 @@ def scan_folder(root: Path, settings: DatasetSettings) -> Dataset:
         folders = class_folders(root)
         if not folders:
             raise ValueError(f"{root} contains no class folders: put each class's images in its own folder.")
+        loose = [path.name for path in sorted(root.iterdir()) if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS]
+        if loose:
+            warnings.append(f"{len(loose)} images lie directly in {root}, outside the class folders, such as "
+                            f"{loose[0]!r}: they are skipped")
         class_names = [folder.name for folder in folders]
         samples = []
         for label, folder in enumerate(folders):
@@ -133,7 +137,7 @@ def scan_folder(root: Path, settings: DatasetSettings) -> Dataset:
         logger.warning("%s", message)
     if not samples:
         loose = [path.name for path in sorted(root.iterdir()) if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS]
-        if loose:
+        if loose and source == "seeded":
             raise ValueError(
                 f"No images found in the class folders of {root}, but {len(loose)} lie directly in it, such as "
                 f"{loose[0]!r}: move each image into the folder of its class."

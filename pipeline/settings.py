@@ -51,8 +51,8 @@ class DatasetSettings:
                 raise SettingsError(f"{name}={value} is invalid: use a fraction in [0, 1).")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise SettingsError(
-                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction} leaves no "
-                "training images: keep the sum below 1."
+                f"val_fraction={self.val_fraction} + test_fraction={self.test_fraction} = "
+                f"{self.val_fraction + self.test_fraction:g} leaves no training images: keep the sum below 1."
             )
 
 

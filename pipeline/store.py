@@ -108,14 +108,17 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
+    fix = "rebuild the store by rerunning its 'featcache extract' command with --force, or delete the folder"
     try:
         with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+            manifest = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DamagedStoreError(
-            f"The manifest {path} is damaged ({error}): rebuild the store by rerunning its 'featcache extract' "
-            "command with --force, or delete the folder."
-        ) from error
+        raise DamagedStoreError(f"The manifest {path} is damaged ({error}): {fix}.") from error
+    expected = {"key": str, "shards": list, "shard_size": int}
+    wrong = [name for name, kind in expected.items() if not isinstance(manifest, dict) or not isinstance(manifest.get(name), kind)]
+    if wrong:
+        raise DamagedStoreError(f"The manifest {path} is damaged (no valid {', '.join(wrong)}): {fix}.")
+    return manifest
 
 
 @contextmanager

@@ -27,9 +27,8 @@ from pipeline.settings import DATA_ROOT, DatasetSettings, ExtractSettings, HeadS
 from pipeline.store import FeatureStore
 from pipeline.taps import TapExtractor
 from stages.extract import run_extraction
-from stages.train_heads import HEAD_NAMES
 from stages.leaderboard import write_leaderboard
-from stages.train_heads import run_heads
+from stages.train_heads import HEAD_NAMES, check_results_folder, run_heads
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +235,8 @@ def run_bench(settings: BenchSettings) -> list[dict[str, Any]]:
     settings.validate()
     load_dataset(settings.dataset)  # a missing or empty dataset fails here, before any backbone is built
     output = Path(settings.output)
+    check_results_folder(output, "--output")
+    check_results_folder(Path(settings.results_root))
     timings = load_timings(output)
     rows: list[dict[str, Any]] = []
     for name, weights in expand_runs(settings):

@@ -184,6 +184,9 @@ def _run_extraction(settings: ExtractSettings, context: DistributedContext) -> E
     backbone = None
     with context.main_first():
         dataset = load_dataset(settings.dataset)
+        if len(dataset.class_names) < 2 and context.is_main:
+            logger.warning("Dataset %s has %d class %s: stage one runs, but stage two needs at least 2 classes.",
+                           dataset.root, len(dataset.class_names), dataset.class_names)
         provenance = None if context.is_distributed else cached_identity(settings)
         if provenance is None:
             backbone = _build_backbone(settings)

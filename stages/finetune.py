@@ -34,6 +34,7 @@ from pipeline.memory import keep_heap
 from pipeline.settings import DATA_ROOT, DatasetSettings, SettingsError, settings_to_dict
 from pipeline.store import FeatureStore
 from stages.metrics import bootstrap_interval, classification_metrics
+from stages.train_heads import check_results_folder
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,10 @@ class FinetuneSettings:
             raise SettingsError(f"patience={self.patience} is invalid: use 1 or more epochs.")
         if self.workers < 0:
             raise SettingsError(f"workers={self.workers} is invalid: use 0 or more.")
+        for name in ("lr", "weight_decay", "backbone_lr_scale"):
+            value = getattr(self, name)
+            if not (value >= 0 if name == "weight_decay" else value > 0):
+                raise SettingsError(f"{name}={value} is invalid: use a {'non-negative' if name == 'weight_decay' else 'positive'} number.")
 
     def label(self) -> str:
         """Return the results row's tap: finetune:last-N, finetune:all or finetune:scratch."""
@@ -255,6 +260,7 @@ def run_finetune(settings: FinetuneSettings) -> dict[str, Any]:
     settings.validate()
     started = time.perf_counter()
     dataset_settings, backbone_name, weights, checkpoint, results_name, store = resolve_source(settings)
+    check_results_folder(Path(settings.output_root) / results_name)
     # the row records the dataset and backbone that were used, which a store decides
     settings = replace(settings, dataset=dataset_settings, backbone=backbone_name, weights=weights, checkpoint=checkpoint)
     dataset = load_dataset(dataset_settings)

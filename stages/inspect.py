@@ -159,7 +159,7 @@ def inspect_store(folder: str | Path) -> str:
     # counts per split and class
     labels, splits = _read_columns(folder, manifest)
     class_names = manifest["class_names"]
-    lines.append("samples per split and class")
+    lines.append("samples per split and class" + (f" (in the {len(manifest['shards']) - len(missing)} shard files present)" if missing else ""))
     width = max([len(name) for name in class_names] + [5])
     lines.append("  " + f"{'class':{width}s}" + "".join(f" {split:>7s}" for split in ("train", "val", "test")))
     for label, name in enumerate(class_names):

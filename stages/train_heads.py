@@ -88,8 +88,8 @@ def plan_units(store: FeatureStore, taps: list[str], settings: HeadSettings) -> 
     return units
 
 
-def check_results_folder(folder: Path) -> None:
-    """Create the results folder of a store, or raise SettingsError, before any head trains."""
+def check_results_folder(folder: Path, option: str = "--results (output_root)") -> None:
+    """Create a folder for results, or raise SettingsError naming ``option``, before any work starts."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".featcache-write-test"
@@ -98,7 +98,7 @@ def check_results_folder(folder: Path) -> None:
     except OSError as error:
         reason = "it or a folder above it is a file" if isinstance(error, (FileExistsError, NotADirectoryError)) else error.strerror
         raise SettingsError(
-            f"Cannot write head results to {folder}: {reason}. Pass a writable folder as --results (output_root)."
+            f"Cannot write results to {folder}: {reason}. Pass a writable folder as {option}."
         ) from error
 
 
@@ -133,6 +133,13 @@ def run_heads(settings: HeadSettings, features_root: Path = Path("data/features"
     logger.info("Store %s: %d results cached, %d to train", store.name, len(results), len(missing))
 
     if missing:
+        present = np.unique(store.load_labels("train")) if "train" in store.splits() else np.array([], np.int64)
+        if len(present) < 2:
+            names = [store.class_names[label] for label in present]
+            raise SettingsError(
+                f"Store {store.name} has {len(present)} class in train {names}: a head needs at least 2. Add a folder of "
+                "images for each other class and run 'featcache extract' again."
+            )
         import torch
         from threadpoolctl import threadpool_limits
 

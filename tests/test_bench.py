@@ -128,6 +128,16 @@ def test_missing_dataset_fails_before_backbones(in_tmp):
     assert not (in_tmp / "data" / "features").exists()
 
 
+def test_output_file_fails_before_backbones(colour_folder, in_tmp):
+    occupied = in_tmp / "occupied"
+    occupied.write_text("not a folder\n")
+    settings = BenchSettings(dataset=DatasetSettings(str(colour_folder)), backbones=("test_efficientnet@random",),
+                             output=str(occupied))
+    with pytest.raises(SettingsError, match="Cannot write results to .*occupied.*--output"):
+        run_bench(settings)
+    assert not (in_tmp / "data" / "features").exists()
+
+
 def test_unknown_tap_becomes_skipped_row(colour_folder, in_tmp):
     settings = BenchSettings(
         dataset=DatasetSettings(str(colour_folder)),

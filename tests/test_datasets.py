@@ -167,3 +167,19 @@ def test_images_outside_class_folders_named(tmp_path: Path) -> None:
     (tmp_path / "empty_class").mkdir()
     with pytest.raises(ValueError, match="1 lie directly in it, such as 'loose.png': move each image"):
         scan_folder(tmp_path, DatasetSettings(str(tmp_path)))
+
+
+def test_loose_images_beside_class_folders_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_colour_image(tmp_path / "loose.png", (200, 10, 10), seed=0)
+    for index in range(3):
+        write_colour_image(tmp_path / "red" / f"{index}.png", (200, 10, 10), seed=index)
+    with caplog.at_level(logging.WARNING, logger="pipeline.datasets"):
+        dataset = scan_folder(tmp_path, DatasetSettings(str(tmp_path)))
+    assert len(dataset.samples) == 3
+    assert "1 images lie directly in" in caplog.text
+    assert "'loose.png': they are skipped" in caplog.text
+
+
+def test_fraction_sum_names_both_fractions() -> None:
+    with pytest.raises(SettingsError, match=r"val_fraction=0.5 \+ test_fraction=0.6 = 1.1 leaves no training images"):
+        DatasetSettings("digits", val_fraction=0.5, test_fraction=0.6).validate()

@@ -482,3 +482,15 @@ def test_cache_hit_makes_store_the_latest(colour_folder, tmp_path):
     assert again.cache_hit
     assert (first.folder / LAST_USED).exists()
     assert latest_store(output) == first.folder
+
+
+@pytest.mark.parametrize("content", ["[]", "{}", '{"key": 5, "shards": [], "shard_size": 4}'])
+def test_manifest_of_wrong_shape_named(tiny_folder: Path, tmp_path: Path, content: str) -> None:
+    earlier = run_extraction(settings_for(tiny_folder, tmp_path / "out"))
+    (earlier.folder / "manifest.json").write_text(content)
+    with pytest.raises(StoreError, match="manifest .* is damaged .*--force"):
+        FeatureStore(earlier.folder)
+    with pytest.raises(StoreError, match="is damaged"):
+        verify_store(earlier.folder)
+    with pytest.raises(StoreError, match="is damaged"):
+        run_extraction(settings_for(tiny_folder, tmp_path / "out"))

@@ -81,7 +81,9 @@ def test_prepare_trainable_rejects_too_many_blocks():
 
 
 @pytest.mark.parametrize(("overrides", "message"), [({"unfreeze": "0"}, "unfreeze='0'"), ({"unfreeze": "top"}, "unfreeze='top'"),
-                                                    ({"augment": "rotate"}, "augment='rotate'"), ({"epochs": 0}, "epochs=0")])
+                                                    ({"augment": "rotate"}, "augment='rotate'"), ({"epochs": 0}, "epochs=0"),
+                                                    ({"lr": -1.0}, "lr=-1.0 is invalid"), ({"lr": 0.0}, "lr=0.0"),
+                                                    ({"weight_decay": -0.1}, "weight_decay=-0.1")])
 def test_settings_reject_invalid_values(overrides, message):
     with pytest.raises(SettingsError, match=message):
         FinetuneSettings(**overrides).validate()
@@ -179,3 +181,13 @@ def test_cli_finetune_rejects_bad_input(in_tmp, caplog, arguments, message):
 
     assert main(["finetune", *arguments]) == 2
     assert message in caplog.text
+
+
+def test_results_file_fails_before_training(colour_folder, tmp_path):
+    occupied = tmp_path / "occupied"
+    occupied.write_text("not a folder\n")
+    settings = FinetuneSettings(dataset=DatasetSettings(source=str(colour_folder)), backbone="test_efficientnet",
+                                weights="random", epochs=1, workers=0, device="cpu", output_root=str(occupied))
+    with pytest.raises(SettingsError, match="Cannot write results to .*occupied.*--results"):
+        run_finetune(settings)
+    assert occupied.read_text() == "not a folder\n"

@@ -206,6 +206,16 @@ def test_results_folder_that_is_a_file(store_folder: Path, tmp_path: Path) -> No
     occupied = tmp_path / "occupied"
     occupied.write_text("not a folder\n")
     settings = HeadSettings(store=str(store_folder), heads=FAST_HEADS, controls=(), output_root=str(occupied))
-    with pytest.raises(SettingsError, match="Cannot write head results to .*occupied.*--results"):
+    with pytest.raises(SettingsError, match="Cannot write results to .*occupied.*--results"):
         run_heads(settings)
     assert occupied.read_text() == "not a folder\n"
+
+
+def test_single_class_store_rejected_before_training(tmp_path: Path) -> None:
+    from pipeline.settings import SettingsError
+
+    folder = write_store(tmp_path / "store", class_names=("only",))
+    settings = HeadSettings(store=str(folder), heads=FAST_HEADS, controls=(), output_root=str(tmp_path / "results"))
+    with pytest.raises(SettingsError, match=r"1 class in train \['only'\]: a head needs at least 2"):
+        run_heads(settings)
+    assert not list((tmp_path / "results").rglob("*.joblib"))
