@@ -104,7 +104,7 @@ class DamagedStoreError(StoreError):
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
-    """Return a store's manifest, or None when it has none; raise DamagedStoreError when it is not valid JSON."""
+    """Return a store's manifest, or None when it has none; raise DamagedStoreError when it is unreadable or incomplete JSON."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
@@ -348,9 +348,10 @@ class FeatureStore:
         if manifest is None:
             raise StoreError(f"No feature store at {self.folder}: {MANIFEST} is missing. Run 'featcache extract' first.")
         if not manifest.get("complete"):
+            rebuild = self.folder.name.endswith(REBUILD_SUFFIX)  # a --force run's unfinished replacement
+            command = "'featcache extract' command with --force" if rebuild else "same 'featcache extract' command"
             raise StoreError(
-                f"Store {self.folder} is incomplete ({len(manifest['shards'])} shards written): "
-                "rerun the same 'featcache extract' command to resume it."
+                f"Store {self.folder} is incomplete ({len(manifest['shards'])} shards written): rerun the {command} to resume it."
             )
         self.manifest = manifest
         self._columns: dict[str, np.ndarray] | None = None

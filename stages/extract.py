@@ -202,6 +202,9 @@ def _run_extraction(settings: ExtractSettings, context: DistributedContext) -> E
         )
         if context.is_main:
             mark_used(folder)
+            if rebuild_folder(folder).is_dir():
+                logger.warning("An earlier --force run left an unfinished replacement of this store in %s: rerun with "
+                               "--force to resume it, or delete that folder.", rebuild_folder(folder))
         return ExtractionResult(folder, True, 0, len(existing.get("skipped", [])), seconds)
 
     if backbone is None:

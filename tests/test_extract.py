@@ -286,7 +286,7 @@ def test_full_disk_keeps_earlier_store(tiny_folder: Path, tmp_path: Path, monkey
     assert verify_store(earlier.folder) == []
 
 
-def test_interrupted_force_rebuild_resumes(tiny_folder: Path, tmp_path: Path, monkeypatch) -> None:
+def test_interrupted_force_rebuild_resumes(tiny_folder: Path, tmp_path: Path, monkeypatch, caplog) -> None:
     earlier = run_extraction(settings_for(tiny_folder, tmp_path / "out"))
     manifest_before = (earlier.folder / "manifest.json").read_text()
     write = pipeline.store.write_shard_file
@@ -302,6 +302,11 @@ def test_interrupted_force_rebuild_resumes(tiny_folder: Path, tmp_path: Path, mo
     assert (earlier.folder / "manifest.json").read_text() == manifest_before
 
     monkeypatch.setattr(pipeline.store, "write_shard_file", write)
+    with pytest.raises(StoreError, match="with --force to resume it"):
+        FeatureStore(rebuild_folder(earlier.folder))
+    with caplog.at_level(logging.WARNING, logger="stages.extract"):
+        assert run_extraction(settings_for(tiny_folder, tmp_path / "out")).cache_hit
+    assert "unfinished replacement of this store" in caplog.text
     resumed = run_extraction(settings_for(tiny_folder, tmp_path / "out", force=True))
     assert resumed.folder == earlier.folder
     assert resumed.extracted == 2  # only the second shard's images: the first was kept
