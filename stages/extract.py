@@ -10,11 +10,14 @@ import errno
 import logging
 import os
 import platform
+import signal
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
@@ -296,6 +299,25 @@ def prepare_backbone(backbone: "Backbone", settings: ExtractSettings, device: "t
     prepare_model(backbone.model, device, settings.channels_last, settings.compile)
 
 
+def prepare_worker(worker_id: int) -> None:
+    """Let a data-loading worker leave Ctrl-C to the main process, and stop quietly when it is shut down.
+
+    The main process handles the SIGINT of Ctrl-C by shutting the workers down. A worker passes each
+    batch's shared memory to the main process through a thread of multiprocessing's resource
+    sharer. When the main process exits during a transfer, that thread's connection ends in
+    EOFError or ConnectionResetError, which it reports through ``sys.excepthook``; a worker leaves
+    those out of the output.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    report = sys.excepthook
+
+    def quiet_at_shutdown(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+        if not issubclass(kind, (EOFError, ConnectionError)):
+            report(kind, error, traceback)
+
+    sys.excepthook = quiet_at_shutdown
+
+
 def shard_batches(rows: list[tuple[int, int]], shard_size: int, batch_size: int) -> list[list[int]]:
     """Split (index, view) rows into batches of row positions that never cross a shard boundary.
 
@@ -353,7 +375,7 @@ def _extract_pending(
         # write_shard_file and closed before it returns, so no worker inherits a handle.
         loader = torch.utils.data.DataLoader(
             views, batch_sampler=batches, num_workers=settings.workers, collate_fn=collate_views,
-            pin_memory=device.type == "cuda",
+            pin_memory=device.type == "cuda", worker_init_fn=prepare_worker,
         )
         release_free_heap()
         batch_iterator = iter(loader)  # the workers decode the first batches while the backbone is prepared
