@@ -305,8 +305,8 @@ def prepare_worker(worker_id: int) -> None:
     The main process handles the SIGINT of Ctrl-C by shutting the workers down. A worker passes each
     batch's shared memory to the main process through a thread of multiprocessing's resource
     sharer. When the main process exits during a transfer, that thread's connection ends in
-    EOFError or ConnectionResetError, which it reports through ``sys.excepthook``; a worker leaves
-    those out of the output.
+    EOFError or ConnectionResetError. The thread reports it through ``sys.excepthook``, so a worker's
+    hook leaves those two out of the output.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     report = sys.excepthook
