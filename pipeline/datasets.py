@@ -114,6 +114,7 @@ def scan_folder(root: Path, settings: DatasetSettings) -> Dataset:
                     warnings.append(f"class folder {folder} contains no images")
                 samples += [Sample(path.relative_to(root).as_posix(), index[folder.name], split) for path in images]
         source = "folders"
+        loose: list[str] = []
     else:
         folders = class_folders(root)
         if not folders:
@@ -136,8 +137,7 @@ def scan_folder(root: Path, settings: DatasetSettings) -> Dataset:
     for message in warnings:
         logger.warning("%s", message)
     if not samples:
-        loose = [path.name for path in sorted(root.iterdir()) if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS]
-        if loose and source == "seeded":
+        if loose:
             raise ValueError(
                 f"No images found in the class folders of {root}, but {len(loose)} lie directly in it, such as "
                 f"{loose[0]!r}: move each image into the folder of its class."

@@ -72,8 +72,8 @@ def adamw_update(parameters: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
 class StackedAdamW:
     """AdamW over heads stacked along the first dimension of each parameter, each head with its own lr and weight decay.
 
-    The per-head views of the parameters and states are made once, so a step costs one fused
-    call per head and little Python. ``keep`` drops heads that have stopped.
+    The per-head views of the parameters and states are made once, so a step costs one
+    ``adamw_update`` per head and little Python. ``keep`` drops heads that have stopped.
     """
 
     def __init__(self, parameters: Sequence[torch.Tensor], lrs: Sequence[float], weight_decays: Sequence[float]) -> None:
@@ -91,24 +91,9 @@ class StackedAdamW:
     @torch.no_grad()
     def step(self, grads: Sequence[torch.Tensor]) -> None:
         """Update every head with its part of ``grads`` (one per parameter, stacked like it)."""
-        global _fused_kernel
         self.steps += 1
         counter = torch.full((), float(self.steps), device=self.parameters[0].device)
-        grads = [grad.contiguous() for grad in grads]
-        if _fused_kernel and all(parameter.is_contiguous() for parameter in self.parameters):
-            # the views of contiguous stacks are contiguous, so each head goes to the kernel as it is
-            counters = [counter] * len(self.parameters)
-            try:
-                for head, (parameters, exp_avgs, exp_avg_sqs) in enumerate(self._views):
-                    torch._fused_adamw_(parameters, [grad[head] for grad in grads], exp_avgs, exp_avg_sqs, [], counters,
-                                        lr=self.lrs[head], beta1=BETAS[0], beta2=BETAS[1],
-                                        weight_decay=self.weight_decays[head], eps=EPS, amsgrad=False, maximize=False)
-                return
-            except (RuntimeError, NotImplementedError) as error:
-                if head:  # an earlier head was updated, so this failure is not one of the kernel's argument checks
-                    raise
-                logger.debug("torch's fused AdamW failed on these tensors (%s): using the written-out update", error)
-                _fused_kernel = False
+        grads = [grad.contiguous() for grad in grads]  # so that every head's slice is contiguous too
         for head, (parameters, exp_avgs, exp_avg_sqs) in enumerate(self._views):
             adamw_update(parameters, [grad[head] for grad in grads], exp_avgs, exp_avg_sqs, self.lrs[head],
                          self.weight_decays[head], self.steps, counter)

@@ -97,10 +97,11 @@ class FinetuneSettings:
             raise SettingsError(f"patience={self.patience} is invalid: use 1 or more epochs.")
         if self.workers < 0:
             raise SettingsError(f"workers={self.workers} is invalid: use 0 or more.")
-        for name in ("lr", "weight_decay", "backbone_lr_scale"):
-            value = getattr(self, name)
-            if not (value >= 0 if name == "weight_decay" else value > 0):
-                raise SettingsError(f"{name}={value} is invalid: use a {'non-negative' if name == 'weight_decay' else 'positive'} number.")
+        for name in ("lr", "backbone_lr_scale"):
+            if not getattr(self, name) > 0:
+                raise SettingsError(f"{name}={getattr(self, name)} is invalid: use a positive number.")
+        if not self.weight_decay >= 0:
+            raise SettingsError(f"weight_decay={self.weight_decay} is invalid: use 0 or a positive number.")
 
     def label(self) -> str:
         """Return the results row's tap: finetune:last-N, finetune:all or finetune:scratch."""

@@ -218,6 +218,8 @@ def _logreg_path(fold: Fold, settings: list[dict[str, float]], class_weight: str
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
+    from stages.metrics import log_loss
+
     X_fit, X_select = fold.X_train, fold.X_select
     model = LogisticRegression(warm_start=True, max_iter=max_iter, class_weight=class_weight)
     select, train, losses = [], [], []
@@ -230,16 +232,8 @@ def _logreg_path(fold: Fold, settings: list[dict[str, float]], class_weight: str
         probabilities = model.predict_proba(X_select)
         select.append(float(np.mean(model.classes_[probabilities.argmax(axis=1)] == fold.y_select)))
         train.append(float(np.mean(model.predict(X_fit) == fold.y_train)))
-        losses.append(selection_log_loss(probabilities, model.classes_, fold.y_select))
+        losses.append(log_loss(fold.y_select, probabilities, model.classes_))
     return select, train, losses
-
-
-def selection_log_loss(probabilities: np.ndarray, classes: np.ndarray, labels: np.ndarray) -> float:
-    """Return the mean negative log probability of the true labels; a label the head never saw gets probability 1e-15."""
-    columns = {label: column for column, label in enumerate(classes.tolist())}
-    rows = np.array([columns.get(label, -1) for label in np.asarray(labels).tolist()])
-    true = np.where(rows >= 0, probabilities[np.arange(len(rows)), np.maximum(rows, 0)], 0.0)
-    return float(-np.mean(np.log(np.clip(true, 1e-15, 1.0))))
 
 
 def sweep_knn(folds: list[Fold], space: dict[str, list]) -> Sweep:
