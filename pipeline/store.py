@@ -100,7 +100,7 @@ def _fsync_folder(folder: Path) -> None:
 
 
 class DamagedStoreError(StoreError):
-    """A store's manifest or shard file cannot be read."""
+    """Error for a store whose manifest or shard file cannot be read."""
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
